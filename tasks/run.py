@@ -1,0 +1,104 @@
+"""One way to run an external tool: log it (secrets masked), stream its output, fail clearly."""
+
+from __future__ import annotations
+
+import collections
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from tasks.errors import HookError
+
+#: How to get each tool we call, for the "not found" message.
+INSTALL_HINTS: dict[str, str] = {
+    "docker": "install Docker (Debian: apt-get install docker.io) and start dockerd",
+    "docker-buildx": "install buildx (Debian trixie: apt-get install docker-buildx)",
+    "linuxkit": "install linuxkit v1.8.2 from its releases page, or set linuxkit=/path/to/linuxkit",
+    "qemu-system-x86_64": "apt-get install qemu-system-x86",
+    "qemu-system-aarch64": "apt-get install qemu-system-arm",
+    "git": "apt-get install git",
+}
+
+TAIL_LINES = 15
+
+
+def mask(text: str, secrets: Iterable[str]) -> str:
+    """Replace every secret in text with '***'."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return text
+
+
+def log_step(message: str) -> None:
+    """Announce a long stage, on stderr so it is seen even when stdout is captured."""
+    print(f"hook: {message}", file=sys.stderr, flush=True)
+
+
+def find_tool(name: str, *, setting: str | None = None, path: str | os.PathLike[str] | None = None) -> str:
+    """Return the path of an executable, or raise a HookError that says how to install it."""
+    candidate = str(path) if path else name
+    found = shutil.which(candidate)
+    if found:
+        return found
+    hint = INSTALL_HINTS.get(Path(name).name, f"install {name}")
+    where = f" (set {setting}=PATH to use another)" if setting else ""
+    raise HookError(f"{candidate} not found: {hint}{where}")
+
+
+def run(
+    argv: Sequence[str | os.PathLike[str]],
+    *,
+    tool: str | None = None,
+    fix: str | None = None,
+    secrets: Iterable[str] = (),
+    cwd: str | os.PathLike[str] | None = None,
+    env: dict[str, str] | None = None,
+    quiet: bool = False,
+) -> str:
+    """Run argv, streaming its output; return the output; raise HookError on failure.
+
+    The command line and every output line are printed with secrets masked. A failure names
+    the tool, the exit code, the last lines of its output and, when given, the likely fix.
+    """
+    secrets = [s for s in secrets if s]
+    args = [os.fspath(a) for a in argv]
+    name = tool or Path(args[0]).name
+    exe = find_tool(args[0]) if os.sep not in args[0] else args[0]
+    if not quiet:
+        log_step("$ " + mask(shlex.join(args), secrets))
+    started = time.monotonic()
+    tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+    lines: list[str] = []
+    try:
+        proc = subprocess.Popen(
+            [exe, *args[1:]],
+            cwd=cwd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            errors="replace",
+        )
+    except OSError as exc:
+        hint = INSTALL_HINTS.get(name, "check that it is executable")
+        raise HookError(f"{name} could not start: {exc.strerror}; {hint}") from None
+    assert proc.stdout is not None
+    for raw in proc.stdout:
+        line = mask(raw.rstrip("\n"), secrets)
+        lines.append(line)
+        tail.append(line)
+        if not quiet:
+            print(f"  {line}", file=sys.stderr, flush=True)
+    rc = proc.wait()
+    if rc != 0:
+        last = " | ".join(x.strip() for x in tail if x.strip()) or "no output"
+        hint = f"; try: {fix}" if fix else ""
+        raise HookError(f"{name} failed (exit {rc}) after {time.monotonic() - started:.1f}s: {last}{hint}")
+    return "\n".join(lines)

@@ -1,0 +1,143 @@
+"""Shared fixtures: the real services the tests run against (started by hack/setup-test-machine.sh
+or by these fixtures), never mocks."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared"
+CACHE = Path(os.environ.get("HOOK_TEST_CACHE", "/var/cache/hook-test"))
+SETUP = "run hack/setup-test-machine.sh first"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, *, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+@pytest.fixture(scope="session")
+def docker_engine() -> None:
+    """The machine's dockerd must answer; the tests do not start it (the setup script does)."""
+    if subprocess.run(["docker", "info"], capture_output=True).returncode != 0:
+        pytest.fail(f"dockerd is not answering: {SETUP}")
+
+
+@pytest.fixture(scope="session")
+def test_kernel() -> Path:
+    """A real Debian kernel (bzImage) for QEMU boots and the LinuxKit stand-in."""
+    path = CACHE / "vmlinuz"
+    if not path.is_file():
+        pytest.fail(f"no test kernel at {path}: {SETUP}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def busybox() -> Path:
+    path = Path("/bin/busybox")
+    if not path.is_file():
+        pytest.fail(f"no static busybox at {path}: {SETUP}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def base_images(docker_engine: None) -> dict[str, str]:
+    """Locally made base images (no registry to pull from here); '{arch}' is amd64 or arm64."""
+    images = {"busybox": "local/busybox:{arch}", "python": "local/python-base:{arch}"}
+    for name in images.values():
+        for arch in ("amd64", "arm64"):
+            ref = name.format(arch=arch)
+            if subprocess.run(["docker", "image", "inspect", ref], capture_output=True).returncode:
+                pytest.fail(f"base image {ref} missing: {SETUP}")
+    return images
+
+
+@dataclass
+class Registry:
+    """A running Debian docker-registry (distribution 2.8) on 127.0.0.1."""
+
+    port: int
+    root: Path
+    username: str | None = None
+    password: str | None = None
+    proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def addr(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+    def login(self, docker_config: Path) -> None:
+        """docker login into a private client config dir (DOCKER_CONFIG), not the user's."""
+        docker_config.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "DOCKER_CONFIG": str(docker_config)}
+        subprocess.run(
+            ["docker", "login", "-u", self.username or "", "--password-stdin", self.addr],
+            input=(self.password or "").encode(), env=env, check=True, capture_output=True,
+        )
+
+
+def _start_registry(root: Path, *, username: str | None, password: str | None) -> Registry:
+    if not shutil.which("docker-registry"):
+        pytest.fail(f"docker-registry not installed: {SETUP}")
+    root.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    auth = ""
+    if username is not None:
+        htpasswd = subprocess.run(
+            ["htpasswd", "-Bbn", username, password or ""], check=True, capture_output=True, text=True
+        ).stdout.strip()
+        (root / "htpasswd").write_text(htpasswd + "\n")
+        auth = f"auth:\n  htpasswd:\n    realm: hook-test\n    path: {root / 'htpasswd'}\n"
+    config = root / "config.yml"
+    config.write_text(
+        "version: 0.1\nlog:\n  level: warn\n"
+        f"storage:\n  filesystem:\n    rootdirectory: {root / 'data'}\n  delete:\n    enabled: true\n"
+        f"http:\n  addr: 127.0.0.1:{port}\n{auth}"
+    )
+    log = open(root / "registry.log", "wb")  # noqa: SIM115 - lives as long as the registry
+    proc = subprocess.Popen(["docker-registry", "serve", str(config)], stdout=log, stderr=log)
+    wait_for_port(port)
+    return Registry(port=port, root=root, username=username, password=password, proc=proc)
+
+
+@pytest.fixture
+def registry_factory(tmp_path: Path) -> Iterator[Callable[..., Registry]]:
+    """Start registries for one test: registry_factory(username=..., password=...) adds htpasswd auth."""
+    started: list[Registry] = []
+
+    def start(*, username: str | None = None, password: str | None = None) -> Registry:
+        reg = _start_registry(tmp_path / f"registry{len(started)}", username=username, password=password)
+        started.append(reg)
+        return reg
+
+    yield start
+    for reg in started:
+        reg.stop()
