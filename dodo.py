@@ -1,0 +1,164 @@
+"""hook's build graph. `doit list` is the menu; `doit settings` shows every setting.
+
+Settings: `doit dist org=ghcr.io/me arches=x86_64`, else HOOK_* variables, else defaults.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from doit import get_var
+from doit.tools import config_changed
+
+from tasks import pipeline
+from tasks.config import SETTINGS, load_settings
+from tasks.doit_support import HookReporter, action
+from tasks.errors import HookError
+from tasks.images import create_index, load_image, push_image
+
+DOIT_CONFIG = {
+    "default_tasks": ["dev_dist"],
+    "reporter": HookReporter,
+    "dep_file": "out/.doit.db",
+    "backend": "json",
+    "verbosity": 2,
+}
+
+
+def _cmdline_vars() -> dict[str, str]:
+    from doit import doit_cmd
+
+    return dict(getattr(doit_cmd, "_CMDLINE_VARS", None) or {})
+
+
+try:
+    S = load_settings(get_var, given=_cmdline_vars())
+    PLANS = pipeline.plan_images(S)
+except HookError as exc:
+    sys.exit(f"hook: {exc}")
+
+RELEASE, DEV, DEBUG = (pipeline.BUILDS[name] for name in ("release", "dev", "debug"))
+LOCAL_ARCHES = tuple(dict.fromkeys(DEV.arches(S) + DEBUG.arches(S)))
+
+
+def _relative(paths: list) -> list[str]:
+    return [str(p) for p in paths]
+
+
+def task_image_load():
+    """Build an image for one arch into the local engine (dev_dist, debug_image)."""
+    for plan in PLANS.values():
+        for arch in LOCAL_ARCHES:
+            record = pipeline.image_record(S, plan.spec, arch, local=True)
+            yield {
+                "name": f"{plan.spec.name}-{arch}",
+                "file_dep": _relative(plan.files),
+                "targets": [str(record)],
+                "uptodate": [config_changed({"tag": plan.tag, "org": S.org})],
+                "actions": [action(load_image, plan.spec, S, arch, plan.tag, record)],
+                "clean": True,
+            }
+
+
+def task_image_push():
+    """Build an image for one arch and push it as <org>/<image>:<hash>-<arch> (dist)."""
+    for plan in PLANS.values():
+        for arch in RELEASE.arches(S):
+            record = pipeline.image_record(S, plan.spec, arch, local=False)
+            yield {
+                "name": f"{plan.spec.name}-{arch}",
+                "file_dep": _relative(plan.files),
+                "targets": [str(record)],
+                "uptodate": [config_changed({"tag": plan.tag, "org": S.org})],
+                "actions": [action(push_image, plan.spec, S, arch, plan.tag, record)],
+                "clean": True,
+            }
+
+
+def task_image_index():
+    """Join the pushed per-arch images into the multi-arch index <org>/<image>:<hash> (dist)."""
+    arches = RELEASE.arches(S)
+    for plan in PLANS.values():
+        record = pipeline.image_record(S, plan.spec, None, local=False)
+        yield {
+            "name": plan.spec.name,
+            "file_dep": [str(pipeline.image_record(S, plan.spec, a, local=False)) for a in arches],
+            "targets": [str(record)],
+            "uptodate": [config_changed({"tag": plan.tag, "org": S.org, "arches": [a.value for a in arches]})],
+            "actions": [action(create_index, plan.spec, S, arches, plan.tag, record)],
+            "clean": True,
+        }
+
+
+def task_linuxkit():
+    """Render the LinuxKit config, run `linuxkit build`, convert its initrd (one build, one arch)."""
+    for build in (RELEASE, DEV, DEBUG):
+        for arch in build.arches(S):
+            templates = [S.root / "linuxkit" / t for t in build.templates]
+            refs = pipeline.image_refs(S, PLANS, build, arch)
+            outputs = [*pipeline.linuxkit_outputs(S, build, arch).values(), *pipeline.boot_files(S, build, arch)]
+            settings_used = {"refs": refs, "kernel": S.kernel, "pkg_org": S.pkg_org, "linuxkit": S.linuxkit,
+                             "compression": S.compression}
+            if build.flavour == "debug":
+                settings_used["ssh_keys"] = list(S.ssh_keys)
+            yield {
+                "name": f"{build.name}-{arch}",
+                "file_dep": _relative(templates + pipeline.image_inputs(S, PLANS, build, arch)),
+                "targets": _relative(outputs),
+                "uptodate": [config_changed(settings_used)],
+                "actions": [action(pipeline.make_os, S, build, arch, PLANS)],
+                "clean": True,
+            }
+
+
+def task_convert():
+    """Re-pack linuxkit's initrd again into initramfs-<arch> (never runs images or linuxkit)."""
+    for build in (RELEASE, DEV, DEBUG):
+        for arch in build.arches(S):
+            yield {
+                "name": f"{build.name}-{arch}",
+                "uptodate": [lambda build=build, arch=arch: pipeline.convert_is_current(S, build, arch)],
+                "actions": [action(pipeline.convert, S, build, arch)],
+            }
+
+
+def task_package():
+    """Pack out/dist/<build>/: <prefix>-<version>.tar.gz, <prefix>_<arch>.tar.gz, checksum.txt."""
+    for build in (RELEASE, DEV, DEBUG):
+        inputs = [f for arch in build.arches(S) for f in pipeline.boot_files(S, build, arch)]
+        yield {
+            "name": build.name,
+            "file_dep": _relative(inputs),
+            "targets": _relative(pipeline.package_targets(S, build)),
+            "uptodate": [config_changed({"version": S.version, "mtime": S.source_date_epoch})],
+            "actions": [action(pipeline.package_build, S, build)],
+            "clean": True,
+        }
+
+
+def task_dist():
+    """Release: push multi-arch images, build every arch from the registry, package out/dist/release/."""
+    return {"actions": None, "task_dep": ["package:release"]}
+
+
+def task_dev_dist():
+    """Local: build this machine's arch from local images (no registry), package out/dist/dev/."""
+    return {"actions": None, "task_dep": ["package:dev"]}
+
+
+def task_debug_image():
+    """Like dev_dist, plus sshd and your public keys (ssh_keys); package out/dist/debug/."""
+    return {"actions": None, "task_dep": ["package:debug"]}
+
+
+def task_settings():
+    """Show every setting: its value now, its HOOK_* variable and what it does."""
+
+    def show() -> None:
+        for setting in SETTINGS:
+            value = getattr(S, setting.name, "")
+            if setting.name == "arches":
+                value = ",".join(a.value for a in S.arches) if S.arches else "(per build)"
+            print(f"{setting.name:18} = {value!s:30} {setting.env:24} {setting.doc}")
+
+    return {"actions": [show], "uptodate": [False], "verbosity": 2}

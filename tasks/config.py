@@ -1,0 +1,200 @@
+"""Settings: doit variables (`doit dist org=...`), else HOOK_* environment variables, else defaults.
+
+All settings are read and validated once, up front, into one frozen object; a bad value stops the
+build before any work with a line that names the setting and what it accepts.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tasks.arch import Arch
+from tasks.errors import HookError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Loose docker reference: [registry[:port]/]path[:tag][@digest]; enough to catch typos and spaces.
+_REF = re.compile(r"^[a-z0-9]+([._:-][a-z0-9]+)*(/[a-z0-9]+([._-][a-z0-9]+)*)*(:[\w.{}-]+)?(@sha256:[0-9a-f]{64})?$")
+_ORG = re.compile(r"^[a-z0-9]+([._:-][a-z0-9]+)*(/[a-z0-9]+([._-][a-z0-9]+)*)*$")
+_VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+COMPRESSIONS = ("gzip", "zstd")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting: its name (doit variable), default and help text."""
+
+    name: str
+    default: str
+    doc: str
+
+    @property
+    def env(self) -> str:
+        return "HOOK_" + self.name.upper()
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("org", "quay.io/tinkerbell", "registry and org of the hook images: <org>/hook-bootkit, <org>/hook-docker"),
+    Setting("arches", "", "comma list of x86_64,aarch64 (dist: both; dev_dist/debug_image: this machine's)"),
+    Setting("version", "", "version in the tarball names (default: short git sha, plus -dirty on a dirty tree)"),
+    Setting("source_date_epoch", "", "mtime of tarball entries (default: SOURCE_DATE_EPOCH, else the last commit)"),
+    Setting("kernel", "linuxkit/kernel:6.6.71", "kernel image for hook.yaml"),
+    Setting("pkg_org", "linuxkit", "where the LinuxKit packages (init, runc, containerd, ...) are pulled from"),
+    Setting("linuxkit", "linuxkit", "linuxkit binary (v1.8.2 CLI): a name on PATH or a path"),
+    Setting("builder", "", "buildx builder (docker buildx ls); empty: the current one"),
+    Setting("ssh_keys", "~/.ssh/id_*.pub", "debug_image: comma list of public key files or globs"),
+    Setting("compression", "gzip", "initramfs compression: gzip or zstd"),
+    Setting("bootkit_base", "", "hook-bootkit BASE_IMAGE build arg ({arch} = amd64/arm64); empty: Dockerfile's"),
+    Setting("docker_base", "", "hook-docker BASE_IMAGE build arg ({arch} = amd64/arm64); empty: Dockerfile's"),
+    Setting("build_image", "", "BUILD_IMAGE build arg (build-platform python+pip stage); empty: Dockerfile's"),
+    Setting("build_args", "", "more build args for every image: KEY=VALUE,KEY=VALUE ({arch} expanded)"),
+    Setting("build_ca", "", "CA bundle passed to image builds as secret 'ca' (for pip behind a TLS proxy)"),
+)
+SETTING_NAMES = frozenset(s.name for s in SETTINGS)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The validated settings of one build."""
+
+    org: str
+    arches: tuple[Arch, ...] | None
+    version: str
+    source_date_epoch: int
+    kernel: str
+    pkg_org: str
+    linuxkit: str
+    builder: str | None
+    ssh_keys: tuple[str, ...]
+    compression: str
+    bootkit_base: str
+    docker_base: str
+    build_image: str
+    build_args: Mapping[str, str] = field(default_factory=dict)
+    build_ca: Path | None = None
+    root: Path = ROOT
+
+    @property
+    def out(self) -> Path:
+        return self.root / "out"
+
+    def arches_for(self, default: tuple[Arch, ...]) -> tuple[Arch, ...]:
+        """The arches a build makes: the setting when given, else the build's own default."""
+        return self.arches or default
+
+
+def _git(root: Path, *args: str) -> str | None:
+    try:
+        done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def git_version(root: Path) -> tuple[str, int] | None:
+    """(short sha[-dirty], commit time) of the checkout at root, or None outside git."""
+    head = _git(root, "log", "-1", "--format=%h %ct")
+    if not head:
+        return None
+    sha, ctime = head.split()
+    dirty = _git(root, "status", "--porcelain", "--untracked-files=normal")
+    return (f"{sha}-dirty" if dirty else sha), int(ctime)
+
+
+def _parse_build_args(text: str) -> dict[str, str]:
+    args: dict[str, str] = {}
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            raise HookError(f"setting build_args: {item!r} is not KEY=VALUE; write build_args=KEY=VALUE,KEY2=VALUE2")
+        args[key] = value
+    return args
+
+
+def _check(name: str, value: str, pattern: re.Pattern[str], what: str) -> str:
+    if not pattern.match(value.format(arch="amd64")):
+        raise HookError(f"setting {name}={value!r} is not {what}")
+    return value
+
+
+def load_settings(
+    get_var: Callable[[str, str | None], str | None],
+    environ: Mapping[str, str] = os.environ,
+    *,
+    root: Path = ROOT,
+    given: Mapping[str, str] | None = None,
+) -> Settings:
+    """Read every setting (doit variable, then HOOK_* variable, then default) and validate it.
+
+    `given` is the full set of doit variables, to refuse unknown names (typos) up front.
+    """
+    for name in given or {}:
+        if name not in SETTING_NAMES:
+            close = [s for s in sorted(SETTING_NAMES) if s[:3] == name[:3]]
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise HookError(f"unknown setting {name!r}{hint}; `doit settings` lists them all")
+
+    def get(name: str) -> str:
+        setting = next(s for s in SETTINGS if s.name == name)
+        value = get_var(name, None)
+        if value is None:
+            value = environ.get(setting.env, setting.default)
+        return value.strip()
+
+    arches_text = get("arches")
+    arches = tuple(Arch.parse(a) for a in arches_text.split(",") if a.strip()) or None
+    if arches:
+        arches = tuple(dict.fromkeys(arches))
+
+    compression = get("compression")
+    if compression not in COMPRESSIONS:
+        raise HookError(f"setting compression={compression!r} is not one of {', '.join(COMPRESSIONS)}")
+
+    version, epoch_text = get("version"), get("source_date_epoch") or environ.get("SOURCE_DATE_EPOCH", "")
+    if not version or not epoch_text:
+        found = git_version(root)
+        if found is None and not version:
+            raise HookError(f"{root} is not a git checkout: set version=... (or HOOK_VERSION)")
+        if found:
+            version = version or found[0]
+            epoch_text = epoch_text or str(found[1])
+    if not _VERSION.match(version):
+        raise HookError(f"setting version={version!r} may hold only letters, digits and . _ + -")
+    try:
+        epoch = int(epoch_text or 0)
+        if epoch < 0:
+            raise ValueError
+    except ValueError:
+        raise HookError(f"setting source_date_epoch={epoch_text!r} is not a non-negative integer") from None
+
+    build_ca_text = get("build_ca")
+    build_ca = Path(build_ca_text).expanduser() if build_ca_text else None
+    if build_ca and not build_ca.is_file():
+        raise HookError(f"setting build_ca={build_ca_text!r}: no such file")
+
+    bases = {}
+    for name in ("bootkit_base", "docker_base", "build_image"):
+        value = get(name)
+        bases[name] = _check(name, value, _REF, "an image reference") if value else ""
+
+    return Settings(
+        org=_check("org", get("org"), _ORG, "a registry/org such as quay.io/tinkerbell (lowercase)"),
+        arches=arches,
+        version=version,
+        source_date_epoch=epoch,
+        kernel=_check("kernel", get("kernel"), _REF, "an image reference such as linuxkit/kernel:6.6.71"),
+        pkg_org=_check("pkg_org", get("pkg_org"), _ORG, "a registry/org such as linuxkit"),
+        linuxkit=get("linuxkit") or "linuxkit",
+        builder=get("builder") or None,
+        ssh_keys=tuple(k.strip() for k in get("ssh_keys").split(",") if k.strip()),
+        compression=compression,
+        build_args=_parse_build_args(get("build_args")),
+        build_ca=build_ca,
+        root=root,
+        **bases,
+    )

@@ -1,0 +1,249 @@
+"""The hook images: content-hash tags, per-arch builds with buildx (load or push), multi-arch indexes."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tasks.arch import Arch
+from tasks.config import Settings
+from tasks.errors import HookError
+from tasks.files import atomic_write_text
+from tasks.run import log_step
+
+CONTAINERS = "containers"
+COMMON = "common"
+_IGNORED = {"__pycache__", ".pytest_cache", ".ruff_cache"}
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """One image we build: its directory under containers/ and the setting that picks its base."""
+
+    name: str
+    base_setting: str
+
+    def dirs(self, root: Path) -> tuple[Path, Path]:
+        """What goes into the image: its own directory and the shared code."""
+        return root / CONTAINERS / self.name, root / CONTAINERS / COMMON
+
+    def dockerfile(self, root: Path) -> Path:
+        return root / CONTAINERS / self.name / "Dockerfile"
+
+
+IMAGES: tuple[ImageSpec, ...] = (
+    ImageSpec("hook-bootkit", "bootkit_base"),
+    ImageSpec("hook-docker", "docker_base"),
+)
+
+
+def image_spec(name: str) -> ImageSpec:
+    for spec in IMAGES:
+        if spec.name == name:
+            return spec
+    raise HookError(f"unknown image {name!r}: one of {', '.join(s.name for s in IMAGES)}")
+
+
+def context_files(spec: ImageSpec, root: Path) -> list[Path]:
+    """Every file that goes into the image's build, sorted: the task's file_dep and the hash input."""
+    files: list[Path] = []
+    for top in spec.dirs(root):
+        for dirpath, dirnames, filenames in os.walk(top):
+            dirnames[:] = sorted(d for d in dirnames if d not in _IGNORED)
+            files.extend(Path(dirpath, f) for f in sorted(filenames) if not f.endswith(".pyc"))
+    if not spec.dockerfile(root).is_file():
+        raise HookError(f"{spec.dockerfile(root)} is missing: restore it from git (git checkout -- containers)")
+    return files
+
+
+def build_args(spec: ImageSpec, settings: Settings, arch: Arch) -> dict[str, str]:
+    """The build args for one arch: only what the settings override; '{arch}' becomes amd64/arm64."""
+    args = {
+        "BASE_IMAGE": getattr(settings, spec.base_setting),
+        "BUILD_IMAGE": settings.build_image,
+        **settings.build_args,
+    }
+    return {k: v.replace("{arch}", arch.docker) for k, v in args.items() if v}
+
+
+def content_hash(spec: ImageSpec, root: Path, files: Iterable[Path], args_by_arch: dict[str, dict[str, str]]) -> str:
+    """A tag that changes when anything that goes into the image changes (files, exec bits, build args)."""
+    digest = hashlib.sha256()
+    base = root / CONTAINERS
+    for path in files:
+        rel = path.relative_to(base).as_posix()
+        mode = "x" if os.access(path, os.X_OK) else "-"
+        digest.update(f"{rel}\0{mode}\0".encode())
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    digest.update(json.dumps(args_by_arch, sort_keys=True).encode())
+    return digest.hexdigest()[:24]
+
+
+def image_ref(settings: Settings, spec: ImageSpec, tag: str, arch: Arch | None = None) -> str:
+    """<org>/<image>:<hash> for the index, <org>/<image>:<hash>-<arch> for one arch."""
+    suffix = f"-{arch.docker}" if arch else ""
+    return f"{settings.org}/{spec.name}:{tag}{suffix}"
+
+
+# --- docker through python-on-whales ------------------------------------------------------------
+
+
+@functools.cache
+def _docker() -> Any:
+    """The docker client, checked once per process: the daemon answers and buildx is there."""
+    from python_on_whales import DockerClient
+    from python_on_whales.exceptions import DockerException
+
+    client = DockerClient()
+    try:
+        client.version()
+    except DockerException as exc:
+        raise HookError(f"docker daemon not reachable ({_last_line(exc)}): start dockerd, check DOCKER_HOST") from None
+    except FileNotFoundError:
+        raise HookError("docker not found: install Docker (Debian: apt-get install docker.io)") from None
+    try:
+        client.buildx.version()
+    except DockerException:
+        raise HookError("docker buildx not installed: install it (Debian trixie: docker-buildx)") from None
+    return client
+
+
+def _last_line(exc: Exception) -> str:
+    text = (getattr(exc, "stderr", None) or str(exc)).strip().splitlines()
+    lines = [line.strip() for line in text if line.strip() and not line.startswith(("#", "---"))]
+    return lines[-1] if lines else type(exc).__name__
+
+
+def _docker_fix(message: str, registry: str) -> str:
+    lowered = message.lower()
+    if any(s in lowered for s in ("unauthorized", "no basic auth", "authentication required", "denied")):
+        return f"docker login {registry} (the registry refused our credentials)"
+    if "connection refused" in lowered or "no such host" in lowered:
+        return f"check that the registry {registry} is up and reachable"
+    if "pull access denied" in lowered or "not found" in lowered:
+        return "check the base image settings (bootkit_base, docker_base, build_image) exist locally or remotely"
+    return "see the build output above"
+
+
+def _registry_of(ref: str) -> str:
+    first = ref.split("/", 1)[0]
+    return first if ("." in first or ":" in first or first == "localhost") and "/" in ref else "docker.io"
+
+
+def _stream(lines: Iterator[str]) -> None:
+    for line in lines:
+        print(f"  {line.rstrip()}", flush=True)
+
+
+def _buildx(spec: ImageSpec, settings: Settings, arch: Arch, ref: str, *, push: bool) -> None:
+    from python_on_whales.exceptions import DockerException
+
+    client = _docker()
+    secrets = [f"id=ca,src={settings.build_ca}"] if settings.build_ca else []
+    log_step(f"building {ref} for {arch.docker_platform} ({'push' if push else 'load'})")
+    try:
+        _stream(
+            client.buildx.build(
+                settings.root / CONTAINERS,
+                file=spec.dockerfile(settings.root),
+                platforms=[arch.docker_platform],
+                tags=[ref],
+                build_args=build_args(spec, settings, arch),
+                builder=settings.builder,
+                load=not push,
+                push=push,
+                secrets=secrets,
+                progress="plain",
+                stream_logs=True,
+            )
+        )
+    except DockerException as exc:
+        msg = _last_line(exc)
+        fix = _docker_fix(msg, _registry_of(ref))
+        raise HookError(f"docker buildx build of {ref} failed (exit {exc.return_code}): {msg}; try: {fix}") from None
+
+
+def _remote_manifest(ref: str) -> Any | None:
+    """The manifest (or index) of ref in its registry, or None when it cannot be had."""
+    from python_on_whales.exceptions import DockerException
+
+    try:
+        return _docker().buildx.imagetools.inspect(ref)
+    except DockerException:
+        return None
+
+
+def _record(path: Path, data: dict[str, Any]) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def load_image(spec: ImageSpec, settings: Settings, arch: Arch, tag: str, record: Path) -> None:
+    """Build one arch into the local engine (unless that tag is there already) and record it."""
+    client = _docker()
+    ref = image_ref(settings, spec, tag, arch)
+    if client.image.exists(ref):
+        log_step(f"{ref} is in the local engine already: not rebuilt")
+    else:
+        _buildx(spec, settings, arch, ref, push=False)
+    image = client.image.inspect(ref)
+    if image.architecture != arch.docker:
+        raise HookError(
+            f"{ref} is {image.architecture}, not {arch.docker}: remove it (docker rmi {ref}) and build again"
+        )
+    _record(record, {"ref": ref, "id": image.id, "arch": arch.value, "platform": arch.docker_platform, "local": True})
+
+
+def push_image(spec: ImageSpec, settings: Settings, arch: Arch, tag: str, record: Path) -> None:
+    """Build and push one arch (unless the registry has that tag already) and record what is there."""
+    ref = image_ref(settings, spec, tag, arch)
+    if _remote_manifest(ref) is not None:
+        log_step(f"{ref} is in the registry already: not rebuilt or pushed")
+    else:
+        _buildx(spec, settings, arch, ref, push=True)
+    manifest = _remote_manifest(ref)
+    if manifest is None or manifest.config is None:
+        raise HookError(f"{ref} was pushed but the registry does not show it; try: docker login {_registry_of(ref)}")
+    _record(record, {"ref": ref, "config": manifest.config.digest, "arch": arch.value,
+                     "layers": [layer.digest for layer in manifest.layers or []]})
+
+
+def create_index(spec: ImageSpec, settings: Settings, arches: Iterable[Arch], tag: str, record: Path) -> None:
+    """Join the pushed per-arch tags into the multi-arch index <org>/<image>:<hash>."""
+    from python_on_whales.exceptions import DockerException
+
+    arches = tuple(arches)
+    ref = image_ref(settings, spec, tag)
+    sources = [image_ref(settings, spec, tag, a) for a in arches]
+    want = {a.docker_platform for a in arches}
+    existing = _remote_manifest(ref)
+    if existing is not None and platforms_of(existing) == want:
+        log_step(f"{ref} (index of {', '.join(sorted(want))}) is in the registry already")
+    else:
+        log_step(f"creating index {ref} from {', '.join(sources)}")
+        try:
+            _docker().buildx.imagetools.create(sources, tags=[ref], builder=settings.builder)
+        except DockerException as exc:
+            msg = _last_line(exc)
+            fix = _docker_fix(msg, _registry_of(ref))
+            raise HookError(f"imagetools create {ref} failed: {msg}; try: {fix}") from None
+        existing = _remote_manifest(ref)
+    if existing is None or platforms_of(existing) != want:
+        raise HookError(f"index {ref} does not list {', '.join(sorted(want))} after creating it; try again")
+    _record(record, {"ref": ref, "platforms": sorted(want), "sources": sources,
+                     "manifests": sorted(m.digest or "" for m in existing.manifests or [])})
+
+
+def platforms_of(manifest: Any) -> set[str]:
+    """os/arch platforms an index lists (ignoring attestation entries marked unknown)."""
+    found = set()
+    for entry in manifest.manifests or []:
+        plat = entry.platform
+        if plat and plat.os and plat.architecture and plat.architecture != "unknown":
+            found.add(f"{plat.os}/{plat.architecture}")
+    return found
