@@ -67,6 +67,9 @@ def package(
     Tarballs of other versions left in dist by earlier builds are removed, so checksum.txt
     always covers exactly what the folder holds.
     """
+    for member in (m for members in per_arch.values() for m in members):
+        if not member.is_file():
+            raise HookError(f"{member} is missing: run the build that makes it (doit dev_dist or doit dist)")
     dist.mkdir(parents=True, exist_ok=True)
     combined = dist / f"{prefix}-{version}.tar.gz"
     made = []

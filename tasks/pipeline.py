@@ -190,10 +190,15 @@ def convert(settings: Settings, build: Build, arch: Arch) -> None:
 
 
 def convert_is_current(settings: Settings, build: Build, arch: Arch) -> bool:
-    """doit's up-to-date check for `convert`: outputs exist, are newer than linuxkit's, and pass the cheap verify."""
+    """doit's up-to-date check for `convert`: outputs exist, are newer than linuxkit's, and pass the cheap verify.
+
+    A build that linuxkit never made is up to date: there is nothing to convert.
+    """
     from tasks import initramfs
 
     made = linuxkit_outputs(settings, build, arch)
+    if not (made["kernel"].exists() and made["initrd.img"].exists()):
+        return True  # never built: nothing to convert (`doit convert` never runs linuxkit)
     kernel, initrd = boot_files(settings, build, arch)
     try:
         newest_input = max(os.stat(made["kernel"]).st_mtime_ns, os.stat(made["initrd.img"]).st_mtime_ns)

@@ -1,0 +1,86 @@
+"""Settings: doit variable > HOOK_* environment > default, validated up front."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tasks.arch import Arch
+from tasks.config import SETTINGS, load_settings
+from tasks.errors import HookError
+
+
+def settings(vars: dict[str, str] | None = None, env: dict[str, str] | None = None, root: Path | None = None):
+    vars = vars or {}
+    env = {"HOOK_VERSION": "v1", "SOURCE_DATE_EPOCH": "1700000000", **(env or {})}
+    return load_settings(lambda name, default=None: vars.get(name, default), env, given=vars,
+                         **({"root": root} if root else {}))
+
+
+def test_defaults() -> None:
+    s = settings()
+    assert s.org == "quay.io/tinkerbell"
+    assert s.arches is None
+    assert s.compression == "gzip"
+    assert s.kernel == "linuxkit/kernel:6.6.71"
+    assert s.version == "v1" and s.source_date_epoch == 1700000000
+
+
+def test_doit_variable_beats_environment() -> None:
+    s = settings({"org": "ghcr.io/me"}, {"HOOK_ORG": "quay.io/other", "HOOK_ARCHES": "aarch64,amd64"})
+    assert s.org == "ghcr.io/me"
+    assert s.arches == (Arch.AARCH64, Arch.X86_64)
+
+
+@pytest.mark.parametrize(
+    ("vars", "message"),
+    [
+        ({"compression": "lz4"}, "compression='lz4' is not one of gzip, zstd"),
+        ({"arches": "x86_64,sparc"}, "unknown arch 'sparc'"),
+        ({"org": "Quay.io/Me"}, "setting org='Quay.io/Me' is not a registry/org"),
+        ({"kernel": "linuxkit/kernel:6.6 71"}, "setting kernel="),
+        ({"build_args": "NOVALUE"}, "'NOVALUE' is not KEY=VALUE"),
+        ({"orgg": "x"}, "unknown setting 'orgg' (did you mean org?)"),
+        ({"version": "1 2"}, "setting version='1 2' may hold only"),
+        ({"source_date_epoch": "yesterday"}, "source_date_epoch='yesterday' is not a non-negative integer"),
+        ({"build_ca": "/nonexistent/ca.pem"}, "build_ca='/nonexistent/ca.pem': no such file"),
+    ],
+)
+def test_bad_values_are_refused_with_the_setting_named(vars: dict[str, str], message: str) -> None:
+    with pytest.raises(HookError) as err:
+        settings(vars)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_version_from_git(tmp_path: Path) -> None:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True,
+                              text=True, env={"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+                                              "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
+                                              "GIT_COMMITTER_DATE": "@1650000000 +0000",
+                                              "GIT_AUTHOR_DATE": "@1650000000 +0000", "PATH": "/usr/bin:/bin"}
+                              ).stdout.strip()
+
+    git("init", "-q")
+    (tmp_path / "a").write_text("a")
+    git("add", "a")
+    git("commit", "-qm", "a")
+    sha = git("rev-parse", "--short", "HEAD")
+    s = load_settings(lambda n, d=None: d, {}, root=tmp_path)
+    assert (s.version, s.source_date_epoch) == (sha, 1650000000)
+    (tmp_path / "a").write_text("changed")
+    assert load_settings(lambda n, d=None: d, {}, root=tmp_path).version == f"{sha}-dirty"
+
+
+def test_outside_git_version_must_be_given(tmp_path: Path) -> None:
+    with pytest.raises(HookError, match="is not a git checkout: set version="):
+        load_settings(lambda n, d=None: d, {}, root=tmp_path)
+
+
+def test_every_setting_has_an_env_name_and_doc() -> None:
+    for setting in SETTINGS:
+        assert setting.env == "HOOK_" + setting.name.upper()
+        assert setting.doc

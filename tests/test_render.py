@@ -1,0 +1,81 @@
+"""hook.yaml and debug.yaml render to configs LinuxKit v1.8.2's schema accepts; bad ones name file and key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tasks import linuxkit
+from tasks.errors import HookError
+
+ROOT = Path(__file__).resolve().parent.parent
+VALUES = {"kernel": "linuxkit/kernel:6.6.71", "pkg_org": "linuxkit",
+          "hook_docker": "quay.io/tinkerbell/hook-docker:abc", "hook_bootkit": "quay.io/tinkerbell/hook-bootkit:abc"}
+
+
+@pytest.mark.parametrize("name", ["hook.yaml", "debug.yaml"])
+def test_shipped_configs_are_valid(name: str) -> None:
+    text = linuxkit.render(ROOT / "linuxkit" / name, VALUES)
+    config = linuxkit.parse(text, name)
+    assert not any("${" + key + "}" in text for key in VALUES)
+    assert config["services"]
+
+
+def test_hook_yaml_runs_our_images_with_what_they_need() -> None:
+    config = linuxkit.parse(linuxkit.render(ROOT / "linuxkit" / "hook.yaml", VALUES), "hook.yaml")
+    services = {s["name"]: s for s in config["services"]}
+    assert services["hook-docker"]["image"] == VALUES["hook_docker"]
+    assert services["hook-bootkit"]["image"] == VALUES["hook_bootkit"]
+    assert services["hook-docker"]["net"] == "host"
+    assert "/var/run/docker:/var/run" in services["hook-bootkit"]["binds"]
+    assert "/var/run/docker:/var/run" in services["hook-docker"]["binds"]
+    assert "/var/run/worker:/worker" in services["hook-docker"]["binds"]
+    assert all(ref.startswith("linuxkit/") or ref.startswith("quay.io/") for ref in linuxkit.images_of(config))
+
+
+def test_yaml_12_booleans_stay_strings() -> None:
+    data = linuxkit.Yaml12Loader("a: on\nb: yes\nc: true\n").get_single_data()
+    assert data == {"a": "on", "b": "yes", "c": True}
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "hook.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_unknown_key_names_file_and_key(tmp_path: Path) -> None:
+    text = linuxkit.render(ROOT / "linuxkit" / "hook.yaml", VALUES).replace("    net: host\n    pid: host",
+                                                                            "    nett: host\n    pid: host")
+    with pytest.raises(HookError) as err:
+        linuxkit.parse(text, "linuxkit/hook.yaml")
+    assert "linuxkit/hook.yaml: services[4]:" in str(err.value)
+    assert "'nett' was unexpected" in str(err.value)
+
+
+def test_unquoted_mode_is_refused() -> None:
+    text = 'files:\n  - path: etc/x\n    contents: "x"\n    mode: 0644\n'
+    with pytest.raises(HookError, match=r"files\[0\]\.mode: 420 is not of type 'string'"):
+        linuxkit.parse(text, "hook.yaml")
+
+
+def test_malformed_yaml_names_line_and_column() -> None:
+    with pytest.raises(HookError, match=r"^hook.yaml:4:9: malformed YAML: expected ',' or ']'"):
+        linuxkit.parse("kernel:\n  image: x\n  cmdline: [a\nservices: []\n", "hook.yaml")
+
+
+def test_unknown_placeholder_names_file_and_line(tmp_path: Path) -> None:
+    path = _write(tmp_path, "kernel:\n  image: ${kernal}\n")
+    with pytest.raises(HookError, match=r"hook.yaml:2: unknown placeholder \$\{kernal\}"):
+        linuxkit.render(path, VALUES)
+
+
+def test_ssh_keys_refused_when_none(tmp_path: Path) -> None:
+    with pytest.raises(HookError, match="no ssh public key found"):
+        linuxkit.ssh_public_keys([str(tmp_path / "*.pub")])
+    (tmp_path / "id.pub").write_text("-----BEGIN PRIVATE KEY-----\n")
+    with pytest.raises(HookError, match="is not an ssh public key"):
+        linuxkit.ssh_public_keys([str(tmp_path / "*.pub")])
+    (tmp_path / "id.pub").write_text("ssh-ed25519 AAAAC3 me@host\n\n")
+    assert linuxkit.ssh_public_keys([str(tmp_path / "*.pub")]) == "ssh-ed25519 AAAAC3 me@host\n"
