@@ -5,6 +5,7 @@ Settings: `doit dist org=ghcr.io/me arches=x86_64`, else HOOK_* variables, else 
 
 from __future__ import annotations
 
+import os
 import sys
 
 from doit import get_var
@@ -31,6 +32,7 @@ def _cmdline_vars() -> dict[str, str]:
     return dict(getattr(doit_cmd, "_CMDLINE_VARS", None) or {})
 
 
+os.makedirs(os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"), exist_ok=True)  # doit's state lives here
 try:
     S = load_settings(get_var, given=_cmdline_vars())
     PLANS = pipeline.plan_images(S)
@@ -42,7 +44,8 @@ LOCAL_ARCHES = tuple(dict.fromkeys(DEV.arches(S) + DEBUG.arches(S)))
 
 
 def _relative(paths: list) -> list[str]:
-    return [str(p) for p in paths]
+    """Paths as doit stores them: relative to the project, so a moved checkout stays up to date."""
+    return [os.path.relpath(p, S.root) for p in paths]
 
 
 def task_image_load():
@@ -53,7 +56,7 @@ def task_image_load():
             yield {
                 "name": f"{plan.spec.name}-{arch}",
                 "file_dep": _relative(plan.files),
-                "targets": [str(record)],
+                "targets": _relative([record]),
                 "uptodate": [config_changed({"tag": plan.tag, "org": S.org})],
                 "actions": [action(load_image, plan.spec, S, arch, plan.tag, record)],
                 "clean": True,
@@ -68,7 +71,7 @@ def task_image_push():
             yield {
                 "name": f"{plan.spec.name}-{arch}",
                 "file_dep": _relative(plan.files),
-                "targets": [str(record)],
+                "targets": _relative([record]),
                 "uptodate": [config_changed({"tag": plan.tag, "org": S.org})],
                 "actions": [action(push_image, plan.spec, S, arch, plan.tag, record)],
                 "clean": True,
@@ -82,8 +85,8 @@ def task_image_index():
         record = pipeline.image_record(S, plan.spec, None, local=False)
         yield {
             "name": plan.spec.name,
-            "file_dep": [str(pipeline.image_record(S, plan.spec, a, local=False)) for a in arches],
-            "targets": [str(record)],
+            "file_dep": _relative([pipeline.image_record(S, plan.spec, a, local=False) for a in arches]),
+            "targets": _relative([record]),
             "uptodate": [config_changed({"tag": plan.tag, "org": S.org, "arches": [a.value for a in arches]})],
             "actions": [action(create_index, plan.spec, S, arches, plan.tag, record)],
             "clean": True,

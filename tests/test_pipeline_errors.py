@@ -1,0 +1,107 @@
+"""Bad input gets one clear line, a non-zero exit, and no target doit would take as up to date."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from tasks.arch import Arch
+from tests.pipeline_env import Project, make_project, tag_local_packages
+
+pytestmark = pytest.mark.slow
+ARCH = Arch.native()
+
+
+@pytest.fixture(scope="module")
+def local_packages(docker_engine: None, base_images: dict[str, str]) -> list[str]:
+    return tag_local_packages(ARCH.docker)
+
+
+@pytest.fixture
+def project(tmp_path: Path, local_packages: list[str]) -> Project:
+    return make_project(tmp_path / "hook")
+
+
+def _failure(result) -> str:  # noqa: ANN001 - DoitResult
+    lines = [line for line in result.stderr.splitlines() if " failed: " in line and line.startswith("hook: ")]
+    assert lines, result.output[-3000:]
+    assert "Traceback" not in result.output, result.output[-3000:]
+    return lines[-1]
+
+
+def _no_finished_outputs(project: Project) -> None:
+    assert not project.out(f"dist/dev/hook_{ARCH}.tar.gz").exists()
+    assert not project.out(f"dev/{ARCH}/initramfs-{ARCH}").exists()
+    assert not list(project.out(f"linuxkit/dev/{ARCH}").glob(".linuxkit-*"))
+
+
+def test_unknown_setting_value_stops_before_any_work(project: Project) -> None:
+    result = project.doit("dev_dist", "compression=lz4", check=False)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1] == "hook: setting compression='lz4' is not one of gzip, zstd"
+    assert not project.out("images").exists()
+
+
+def test_unknown_setting_name_is_refused(project: Project) -> None:
+    result = project.doit("dev_dist", "archs=x86_64", check=False)
+    assert result.returncode != 0
+    assert "hook: unknown setting 'archs' (did you mean arches?)" in result.stderr
+
+
+def test_malformed_hook_yaml_names_file_and_key(project: Project) -> None:
+    project.replace("linuxkit/hook.yaml", "    pid: host\n", "    pid: host\n    capabilites: [all]\n")
+    result = project.doit("dev_dist", check=False)
+    assert result.returncode != 0
+    line = _failure(result)
+    assert line.startswith(f"hook: linuxkit:dev-{ARCH} failed: linuxkit/hook.yaml: services[4]: ")
+    assert "'capabilites' was unexpected" in line
+    _no_finished_outputs(project)
+    again = project.doit("dev_dist", check=False)
+    assert f"linuxkit:dev-{ARCH}" in again.executed  # a failed step is never taken as done
+
+
+def test_linuxkit_missing(project: Project) -> None:
+    result = project.doit("dev_dist", "linuxkit=/nonexistent/linuxkit", check=False)
+    assert result.returncode != 0
+    assert "/nonexistent/linuxkit not found: install linuxkit v1.8.2" in _failure(result)
+    _no_finished_outputs(project)
+
+
+def test_linuxkit_failing_leaves_nothing_finished(project: Project) -> None:
+    result = project.doit("dev_dist", check=False, extra_env={"HOOK_STANDIN_FAIL": "simulated failure"})
+    assert result.returncode != 0
+    line = _failure(result)
+    assert "linuxkit build failed (exit 1)" in line and "simulated failure" in line
+    _no_finished_outputs(project)
+    assert not project.out(f"linuxkit/dev/{ARCH}/hook-initrd.img").exists()
+
+
+def test_docker_not_running(project: Project, tmp_path: Path) -> None:
+    result = project.doit("dev_dist", check=False, extra_env={"DOCKER_HOST": f"unix://{tmp_path}/no.sock"})
+    assert result.returncode != 0
+    assert "docker daemon not reachable" in _failure(result)
+    _no_finished_outputs(project)
+
+
+def test_buildx_missing(project: Project, tmp_path: Path) -> None:
+    # A docker CLI without the buildx plugin: a wrapper that answers as docker does for a missing plugin.
+    real = os.popen("command -v docker").read().strip()
+    fake = tmp_path / "bin" / "docker"
+    fake.parent.mkdir()
+    fake.write_text(f'#!/bin/sh\nif [ "$1" = buildx ]; then echo "docker: \'buildx\' is not a docker command." >&2;'
+                    f' exit 1; fi\nexec {real} "$@"\n')
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    result = project.doit("dev_dist", check=False,
+                          extra_env={"PATH": f"{fake.parent}:{os.environ['PATH']}"})
+    assert result.returncode != 0
+    assert "docker buildx not installed" in _failure(result)
+
+
+def test_debug_image_without_ssh_key(project: Project, tmp_path: Path) -> None:
+    result = project.doit("debug_image", f"ssh_keys={tmp_path}/none/*.pub", check=False)
+    assert result.returncode != 0
+    assert "no ssh public key found" in _failure(result)
+    assert not project.out(f"dist/debug/hook-debug_{ARCH}.tar.gz").exists()
