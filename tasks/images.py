@@ -6,6 +6,7 @@ import functools
 import hashlib
 import json
 import os
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from tasks.arch import Arch
 from tasks.config import Settings
 from tasks.errors import HookError
 from tasks.files import atomic_write_text
-from tasks.run import log_step
+from tasks.run import log_step, record_time
 
 CONTAINERS = "containers"
 COMMON = "common"
@@ -101,6 +102,7 @@ def _docker() -> Any:
     from python_on_whales.exceptions import DockerException
 
     client = DockerClient()
+    started = time.monotonic()
     try:
         client.version()
     except DockerException as exc:
@@ -111,6 +113,7 @@ def _docker() -> Any:
         client.buildx.version()
     except DockerException:
         raise HookError("docker buildx not installed: install it (Debian trixie: docker-buildx)") from None
+    record_time("docker version", time.monotonic() - started)
     return client
 
 
@@ -147,6 +150,7 @@ def _buildx(spec: ImageSpec, settings: Settings, arch: Arch, ref: str, *, push: 
     client = _docker()
     secrets = [f"id=ca,src={settings.build_ca}"] if settings.build_ca else []
     log_step(f"building {ref} for {arch.docker_platform} ({'push' if push else 'load'})")
+    started = time.monotonic()
     try:
         _stream(
             client.buildx.build(
@@ -167,6 +171,8 @@ def _buildx(spec: ImageSpec, settings: Settings, arch: Arch, ref: str, *, push: 
         msg = _last_line(exc)
         fix = _docker_fix(msg, _registry_of(ref))
         raise HookError(f"docker buildx build of {ref} failed (exit {exc.return_code}): {msg}; try: {fix}") from None
+    finally:
+        record_time("docker buildx build", time.monotonic() - started)
 
 
 def _remote_manifest(ref: str) -> Any | None:
@@ -187,11 +193,16 @@ def load_image(spec: ImageSpec, settings: Settings, arch: Arch, tag: str, record
     """Build one arch into the local engine (unless that tag is there already) and record it."""
     client = _docker()
     ref = image_ref(settings, spec, tag, arch)
-    if client.image.exists(ref):
+    started = time.monotonic()
+    exists = client.image.exists(ref)
+    record_time("docker image inspect", time.monotonic() - started)
+    if exists:
         log_step(f"{ref} is in the local engine already: not rebuilt")
     else:
         _buildx(spec, settings, arch, ref, push=False)
+    started = time.monotonic()
     image = client.image.inspect(ref)
+    record_time("docker image inspect", time.monotonic() - started)
     if image.architecture != arch.docker:
         raise HookError(
             f"{ref} is {image.architecture}, not {arch.docker}: remove it (docker rmi {ref}) and build again"

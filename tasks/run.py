@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import json
 import os
 import shlex
 import shutil
@@ -33,6 +34,17 @@ def mask(text: str, secrets: Iterable[str]) -> str:
         if secret:
             text = text.replace(secret, "***")
     return text
+
+
+def record_time(tool: str, seconds: float) -> None:
+    """Append how long an external tool took to $HOOK_TIMINGS (a JSON-lines file), when set.
+
+    bench/bench_incremental.py uses it to tell our own overhead from docker's and linuxkit's.
+    """
+    path = os.environ.get("HOOK_TIMINGS")
+    if path:
+        with open(path, "a") as handle:
+            handle.write(json.dumps({"tool": tool, "seconds": round(seconds, 4)}) + "\n")
 
 
 def log_step(message: str) -> None:
@@ -97,6 +109,7 @@ def run(
         if not quiet:
             print(f"  {line}", file=sys.stderr, flush=True)
     rc = proc.wait()
+    record_time(name, time.monotonic() - started)
     if rc != 0:
         last = " | ".join(x.strip() for x in tail if x.strip()) or "no output"
         hint = f"; try: {fix}" if fix else ""

@@ -104,3 +104,26 @@ def test_convert_alone_remakes_a_broken_initramfs(built: Project, tmp_path: Path
     again = project.doit("convert")
     assert again.executed == [f"convert:dev-{ARCH}"]
     assert initramfs.read_bytes() == good
+
+
+def _initramfs_file(initramfs: Path, member: str) -> bytes:
+    """One file's bytes from a gzip newc initramfs, read with GNU cpio (not our own reader)."""
+    done = subprocess.run(f"zcat {initramfs} | cpio -i --quiet --to-stdout {member}", shell=True,
+                          capture_output=True, check=True)
+    return done.stdout
+
+
+def test_debug_image_adds_sshd_and_the_users_keys(built: Project, tmp_path: Path) -> None:
+    key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHookTestKeyHookTestKeyHookTestKey00 tester@hook"
+    (tmp_path / "keys").mkdir()
+    (tmp_path / "keys" / "id_test.pub").write_text(key + "\n")
+    project = make_project(tmp_path / "hook")
+    result = project.doit("debug_image", f"ssh_keys={tmp_path}/keys/*.pub")
+    assert "package:debug" in result.executed
+    assert not any(name.startswith("image_push") for name in result.executed)
+    dist = project.out("dist/debug")
+    assert (dist / f"hook-debug_{ARCH}.tar.gz").is_file()
+    subprocess.run(["sha512sum", "-c", "checksum.txt"], cwd=dist, check=True, capture_output=True)
+    initramfs = project.out(f"debug/{ARCH}/initramfs-{ARCH}")
+    assert _initramfs_file(initramfs, "root/.ssh/authorized_keys").decode().strip() == key
+    assert b"sshd:" in _initramfs_file(initramfs, "containers/services/sshd/image")
