@@ -1,0 +1,373 @@
+"""hook-docker: configure and supervise the docker engine of the installation environment.
+
+Writes daemon.json from the kernel command line (merged with one already there), fetches the
+registry's CA in the background (2021 packet_base_url), runs dockerd with the cmdline's proxies,
+restarts it with capped backoff when it dies, forwards SIGTERM/SIGINT/SIGHUP to it, and reboots the
+machine when tink-worker creates /worker/reboot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import contextlib
+import json
+import logging
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import requests
+from hookcommon import http
+from hookcommon.cmdline import DEFAULT_CMDLINE_FILE, KEYS, HookConfig, registry_host, syslog_address
+from hookcommon.log import add_secret, reason, setup_logging
+from hookcommon.retry import Backoff, StepError, Stopping, StopSignal, retry
+
+PROGRAM = "hook-docker"
+EXIT_CONFIG = 2
+#: A dockerd that ran this long before dying starts the restart backoff from the beginning.
+HEALTHY_RUN_SECONDS = 60.0
+
+log = logging.getLogger(PROGRAM)
+
+_PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----(.*?)-----END CERTIFICATE-----", re.S)
+
+
+# --- daemon.json -----------------------------------------------------------------------------
+
+def daemon_config(cfg: HookConfig, existing: dict[str, Any]) -> dict[str, Any]:
+    """daemon.json: the existing settings with debug, insecure registries and syslog merged in."""
+    config = dict(existing)
+    config["debug"] = True
+    if cfg.insecure_registries:
+        registries = [r for r in existing.get("insecure-registries", []) if isinstance(r, str)]
+        config["insecure-registries"] = registries + [r for r in cfg.insecure_registries
+                                                      if r not in registries]
+    if cfg.syslog_host:
+        # Options of another log driver would make dockerd refuse to start: keep only syslog's.
+        opts = dict(existing.get("log-opts", {})) if existing.get("log-driver") == "syslog" else {}
+        opts["syslog-address"] = syslog_address(cfg.syslog_host)
+        config["log-driver"] = "syslog"
+        config["log-opts"] = opts
+    return config
+
+
+def read_daemon_json(path: Path) -> dict[str, Any]:
+    """The daemon.json already there ({} when absent); an unreadable one is set aside, with a log."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return {}
+    try:
+        existing = json.loads(text)
+        if not isinstance(existing, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as exc:
+        aside = path.with_name(path.name + ".invalid")
+        os.replace(path, aside)
+        log.error("%s is not valid daemon.json (%s): moved it to %s and writing a new one",
+                  path, reason(exc), aside)
+        return {}
+    return existing
+
+
+def write_file(path: Path, data: bytes, mode: int) -> None:
+    """Write path atomically (temporary file in the same directory, fsync, rename) with mode."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_daemon_json(path: Path, cfg: HookConfig) -> dict[str, Any]:
+    config = daemon_config(cfg, read_daemon_json(path))
+    write_file(path, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode(), 0o600)
+    log.info("wrote %s: %s", path, json.dumps(config, sort_keys=True))
+    return config
+
+
+# --- the registry CA (2021: packet_base_url) -------------------------------------------------
+
+def pem_certificates(data: bytes) -> bytes:
+    """The PEM certificates in data, re-joined; ValueError when there is none or one is broken."""
+    blocks = _PEM_CERT.findall(data)
+    if not blocks:
+        start = data[:60].decode("utf-8", "replace")
+        raise ValueError(f"the answer is not a PEM certificate (it starts with {start!r})")
+    certs: list[bytes] = []
+    for body in blocks:
+        try:
+            der = base64.b64decode(b"".join(body.split()), validate=True)
+        except binascii.Error as exc:
+            raise ValueError(f"a PEM certificate in the answer is not base64: {exc}") from None
+        if not der.startswith(b"\x30"):
+            raise ValueError("a PEM certificate in the answer is not DER inside")
+        encoded = base64.b64encode(der)
+        lines = [encoded[i:i + 64] for i in range(0, len(encoded), 64)]
+        certs.append(b"-----BEGIN CERTIFICATE-----\n" + b"\n".join(lines) + b"\n-----END CERTIFICATE-----\n")
+    return b"".join(certs)
+
+
+# --- options ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Options:
+    cmdline_file: Path
+    config_dir: Path
+    certs_dir: Path
+    worker_dir: Path
+    dockerd: str
+    dockerd_args: tuple[str, ...]
+    reboot_command: tuple[str, ...]
+    reboot_poll: float
+    stop_timeout: float
+    backoff: Backoff
+
+    @property
+    def daemon_json(self) -> Path:
+        return self.config_dir / "daemon.json"
+
+
+class HookDocker:
+    """daemon.json, the CA fetcher, the reboot watcher and the dockerd supervisor."""
+
+    def __init__(self, options: Options, cfg: HookConfig, stop: StopSignal) -> None:
+        self.options = options
+        self.cfg = cfg
+        self.stop = stop
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._stopped_proc: subprocess.Popen[bytes] | None = None
+        stop.on_stop(self.forward)
+
+    def run(self) -> None:
+        retry(lambda: write_daemon_json(self.options.daemon_json, self.cfg),
+              what=f"writing {self.options.daemon_json}", log=log, stop=self.stop,
+              backoff=self.options.backoff)
+        if self.cfg.packet_base_url and self.cfg.docker_registry:
+            threading.Thread(target=self._stoppable, args=(self.fetch_ca,), name="ca", daemon=True).start()
+        threading.Thread(target=self._stoppable, args=(self.watch_reboot,), name="reboot",
+                         daemon=True).start()
+        self.supervise()
+
+    def _stoppable(self, target: Any) -> None:
+        with contextlib.suppress(Stopping):
+            target()
+
+    # --- the registry CA ---------------------------------------------------------------------
+
+    def fetch_ca(self) -> None:
+        """Fetch <packet_base_url>/ca.pem into <certs-dir>/<registry>/ca.crt, retrying until it works."""
+        try:
+            registry = registry_host(self.cfg.docker_registry)
+        except ValueError as exc:
+            log.error("not fetching the registry CA: docker_registry %s", reason(exc))
+            return
+        url = self.cfg.packet_base_url.rstrip("/") + "/ca.pem"
+        target = self.options.certs_dir / registry / "ca.crt"
+
+        def fetch() -> None:
+            try:
+                answer = http.get(url, self.cfg, user_agent=PROGRAM)
+            except requests.RequestException as exc:
+                raise StepError(reason(exc)) from None
+            try:
+                pem = pem_certificates(answer.content)
+            except ValueError as exc:
+                raise StepError(str(exc)) from None
+            write_file(target, pem, 0o644)
+
+        log.info("fetching the CA of registry %s from %s", registry, url)
+        retry(fetch, what=f"fetching the registry CA from {url}", log=log, stop=self.stop,
+              backoff=self.options.backoff)
+        log.info("saved the CA of registry %s to %s", registry, target)
+
+    # --- the reboot watcher ------------------------------------------------------------------
+
+    def watch_reboot(self) -> None:
+        """When <worker-dir>/reboot appears: sync, then run the reboot command (retried until it works)."""
+        flag = self.options.worker_dir / "reboot"
+        log.info("watching for %s (tink-worker's reboot request)", flag)
+        while not flag.exists():
+            self.stop.sleep(self.options.reboot_poll)
+        command = self.options.reboot_command
+
+        def reboot() -> None:
+            os.sync()
+            try:
+                done = subprocess.run(command, stdin=subprocess.DEVNULL, timeout=120, check=False)
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                raise StepError(reason(exc)) from None
+            if done.returncode != 0:
+                raise StepError(f"exit status {done.returncode}")
+
+        log.warning("%s appeared: tink-worker asked for a reboot; syncing and running %s",
+                    flag, shlex.join(command))
+        retry(reboot, what=f"rebooting with {shlex.join(command)}", log=log, stop=self.stop,
+              backoff=self.options.backoff)
+        log.info("reboot command %s finished", shlex.join(command))
+
+    # --- dockerd -----------------------------------------------------------------------------
+
+    def dockerd_command(self) -> list[str]:
+        return [self.options.dockerd, "--config-file", str(self.options.daemon_json),
+                *self.options.dockerd_args]
+
+    def dockerd_env(self) -> dict[str, str]:
+        return {**os.environ, **self.cfg.proxy_env()}
+
+    def forward(self, signum: int) -> None:
+        """Signal handler: pass the signal on to dockerd; on a stop, kill it if it lingers."""
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            return
+        stopping = signum != signal.SIGHUP and self.stop.stopping
+        if stopping and self._stopped_proc is proc:
+            return  # already told to stop
+        proc.send_signal(signum)
+        if stopping:
+            self._stopped_proc = proc
+            timer = threading.Timer(self.options.stop_timeout, self._kill_lingering, args=(proc,))
+            timer.daemon = True
+            timer.start()
+
+    def _kill_lingering(self, proc: subprocess.Popen[bytes]) -> None:
+        if proc.poll() is None:
+            log.error("dockerd (pid %d) still runs %.0fs after the stop signal: killing it",
+                      proc.pid, self.options.stop_timeout)
+            proc.kill()
+
+    def supervise(self) -> None:
+        """Run dockerd until a stop is requested; restart it with backoff whenever it dies."""
+        command = self.dockerd_command()
+        proxies = ", ".join(sorted(self.cfg.proxy_env())) or "none"
+        delays = self.options.backoff.delays()
+        while not self.stop.stopping:
+            started = time.monotonic()
+            try:
+                self._proc = subprocess.Popen(command, env=self.dockerd_env(), stdin=subprocess.DEVNULL)
+            except OSError as exc:
+                delay = next(delays)
+                log.error("cannot run dockerd (%s): %s; retrying in %.1fs", command[0],
+                          exc.strerror or reason(exc), delay)
+                self._wait(delay)
+                continue
+            proc = self._proc
+            log.info("started dockerd (pid %d): %s; proxy variables: %s", proc.pid, shlex.join(command),
+                     proxies)
+            if self.stop.stopping:  # the stop came while it was starting
+                self.forward(signal.SIGTERM)
+            code = proc.wait()
+            ran = time.monotonic() - started
+            if self.stop.stopping:
+                log.info("dockerd stopped (%s)", describe_exit(code))
+                return
+            if ran >= HEALTHY_RUN_SECONDS:
+                delays = self.options.backoff.delays()
+            delay = next(delays)
+            log.error("dockerd exited after %.0fs (%s); restarting it in %.1fs", ran, describe_exit(code), delay)
+            self._wait(delay)
+
+    def _wait(self, seconds: float) -> None:
+        self.stop.event.wait(seconds)
+
+
+def describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit status {code}"
+
+
+def parse_args(argv: Sequence[str] | None) -> Options:
+    keys = "\n".join(f"  {key:24} {text}" for key, text in KEYS.items()
+                     if key in ("insecure_registries", "syslog_host", "docker_registry", "packet_base_url",
+                                "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY"))
+    parser = argparse.ArgumentParser(
+        prog=PROGRAM, formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="%(prog)s [options] [-- DOCKERD_ARG ...]",
+        description="Configure and supervise dockerd from the kernel command line. Arguments after "
+                    "'--' are passed on to dockerd.",
+        epilog=f"kernel command line keys read:\n{keys}\n\nexit status: 0 stopped by SIGTERM/SIGINT, "
+               f"2 configuration error",
+    )
+    parser.add_argument("--cmdline-file", type=Path, metavar="PATH", default=DEFAULT_CMDLINE_FILE,
+                        help="kernel command line to read (default: %(default)s)")
+    parser.add_argument("--config-dir", type=Path, metavar="DIR", default=Path("/etc/docker"),
+                        help="where daemon.json is written (default: %(default)s)")
+    parser.add_argument("--certs-dir", type=Path, metavar="DIR", default=Path("/etc/docker/certs.d"),
+                        help="where the registry CA goes, as <dir>/<registry>/ca.crt (default: %(default)s)")
+    parser.add_argument("--worker-dir", type=Path, metavar="DIR", default=Path("/worker"),
+                        help="tink-worker's directory; <dir>/reboot asks for a reboot (default: %(default)s)")
+    parser.add_argument("--dockerd", default="/usr/local/bin/dockerd", metavar="PATH",
+                        help="the dockerd binary (default: %(default)s)")
+    parser.add_argument("--reboot-command", default="/sbin/reboot", metavar="COMMAND",
+                        help="command run (after a sync) to reboot, split like a shell would "
+                             "(default: %(default)s)")
+    parser.add_argument("--reboot-poll", type=float, default=1.0, metavar="SECONDS",
+                        help="how often to look for the reboot request (default: %(default)s)")
+    parser.add_argument("--stop-timeout", type=float, default=20.0, metavar="SECONDS",
+                        help="how long dockerd may take to stop before it is killed (default: %(default)s)")
+    parser.add_argument("--backoff-initial", type=float, default=1.0, metavar="SECONDS",
+                        help="first retry delay, doubled after each failure (default: %(default)s)")
+    parser.add_argument("--backoff-max", type=float, default=30.0, metavar="SECONDS",
+                        help="longest retry delay (default: %(default)s)")
+    parser.add_argument("dockerd_args", nargs="*", metavar="DOCKERD_ARG", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    reboot_command = tuple(shlex.split(args.reboot_command))
+    if not reboot_command:
+        parser.error("--reboot-command must not be empty")
+    if args.backoff_initial < 0 or args.backoff_max < args.backoff_initial or args.reboot_poll <= 0:
+        parser.error("0 <= --backoff-initial <= --backoff-max and --reboot-poll > 0 are required")
+    return Options(
+        cmdline_file=args.cmdline_file, config_dir=args.config_dir, certs_dir=args.certs_dir,
+        worker_dir=args.worker_dir, dockerd=args.dockerd, dockerd_args=tuple(args.dockerd_args),
+        reboot_command=reboot_command, reboot_poll=args.reboot_poll, stop_timeout=args.stop_timeout,
+        backoff=Backoff(initial=args.backoff_initial, maximum=args.backoff_max),
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    options = parse_args(argv)
+    setup_logging(PROGRAM)
+    stop = StopSignal(raise_in_main=False)
+    stop.install((signal.SIGTERM, signal.SIGINT))
+    try:
+        cfg = HookConfig.from_file(options.cmdline_file)
+    except OSError as exc:
+        log.error("cannot read the kernel command line %s: %s", options.cmdline_file,
+                  exc.strerror or reason(exc))
+        return EXIT_CONFIG
+    for secret in cfg.secrets:
+        add_secret(secret)
+    log.info("starting (kernel command line from %s)", options.cmdline_file)
+    hook_docker = HookDocker(options, cfg, stop)
+    signal.signal(signal.SIGHUP, lambda signum, frame: hook_docker.forward(signum))
+    with contextlib.suppress(Stopping):
+        hook_docker.run()
+    log.info("stopped on %s", stop.signal_name or "request")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
