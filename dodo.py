@@ -9,9 +9,11 @@ import os
 import sys
 
 from doit import get_var
+from doit.exceptions import TaskFailed
 from doit.tools import config_changed
 
 from tasks import pipeline
+from tasks.arch import Arch
 from tasks.config import SETTINGS, load_settings
 from tasks.doit_support import HookReporter, action
 from tasks.errors import HookError
@@ -154,6 +156,36 @@ def task_debug_image():
     return {"actions": None, "task_dep": ["package:debug"]}
 
 
+def task_boot():
+    """Boot a build under QEMU: doit boot [--build dev] [--cmdline '...'] [--expect MARKER]."""
+
+    def boot(build: str, arch: str, cmdline: str, memory: int, accel: str, expect: str, timeout: float):
+        try:
+            chosen = pipeline.get_build(build)
+            pipeline.boot_build(S, chosen, Arch.parse(arch) if arch else chosen.arches(S)[0], cmdline=cmdline,
+                                memory_mb=memory, accel=accel, expect=expect, timeout=timeout)
+        except HookError as exc:
+            return TaskFailed(str(exc))
+        return None
+
+    return {
+        "actions": [boot],
+        "params": [
+            {"name": "build", "long": "build", "default": "dev", "help": "release, dev or debug"},
+            {"name": "arch", "long": "arch", "default": "", "help": "x86_64 or aarch64 (default: the build's first)"},
+            {"name": "cmdline", "long": "cmdline", "default": "console=ttyS0 panic=-1", "help": "kernel cmdline"},
+            {"name": "memory", "long": "memory", "type": int, "default": 2048, "help": "MiB of guest memory"},
+            {"name": "accel", "long": "accel", "default": "auto", "help": "auto, tcg or kvm"},
+            {"name": "expect", "long": "expect", "default": "",
+             "help": "wait for this text on the console, then stop (default: interactive)"},
+            {"name": "timeout", "long": "timeout", "type": float, "default": 600.0,
+             "help": "seconds to wait for --expect"},
+        ],
+        "uptodate": [False],
+        "verbosity": 2,
+    }
+
+
 def task_settings():
     """Show every setting: its value now, its HOOK_* variable and what it does."""
 
@@ -162,6 +194,10 @@ def task_settings():
             value = getattr(S, setting.name, "")
             if setting.name == "arches":
                 value = ",".join(a.value for a in S.arches) if S.arches else "(per build)"
-            print(f"{setting.name:18} = {value!s:30} {setting.env:24} {setting.doc}")
+            elif isinstance(value, tuple):
+                value = ",".join(value)
+            elif isinstance(value, dict):
+                value = ",".join(f"{k}={v}" for k, v in value.items())
+            print(f"{setting.name:18} = {value or '':30} {setting.env:24} {setting.doc}")
 
     return {"actions": [show], "uptodate": [False], "verbosity": 2}

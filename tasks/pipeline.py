@@ -222,3 +222,21 @@ def package_build(settings: Settings, build: Build) -> None:
         mtime=settings.source_date_epoch,
     )
     log_step("packaged: " + ", ".join(str(p.relative_to(settings.root)) for p in made))
+
+
+def boot_build(settings: Settings, build: Build, arch: Arch, *, cmdline: str, memory_mb: int, accel: str,
+               expect: str, timeout: float) -> None:
+    """Boot a build's converted kernel and initramfs under QEMU: on this terminal, or until `expect` shows."""
+    import subprocess
+
+    from tasks import qemu
+
+    kernel, initrd = boot_files(settings, build, arch)
+    if not expect:
+        argv = qemu.interactive_argv(kernel, initrd, arch=arch, cmdline=cmdline, memory_mb=memory_mb, accel=accel)
+        log_step("booting on this terminal (Ctrl-A X quits): " + " ".join(argv))
+        subprocess.run(argv, check=False)
+        return
+    result = qemu.boot(kernel, initrd, arch=arch, cmdline=cmdline, memory_mb=memory_mb, accel=accel,
+                       expect=expect, timeout=timeout, echo=True)
+    log_step(f"saw {expect!r} on the console after {result.seconds:.1f}s")
