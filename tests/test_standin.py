@@ -300,16 +300,23 @@ def test_unknown_keys_and_missing_name(tmp_path: Path) -> None:
 
 def test_yaml_is_loaded_like_yaml_v3(tmp_path: Path) -> None:
     """`on`/`yes` stay strings (YAML 1.2-ish): valid for string fields, invalid for booleans."""
-    ok = "onboot:\n  - name: a\n    image: a/b:c\n    net: on\n    pid: yes\n    hostname: 1:30\n"
+    ok = "onboot:\n  - name: a\n    image: a/b:c\n    net: on\n    pid: yes\n    hostname: 1:30\n    cwd: =\n"
     (tmp_path / "ok.yml").write_text(ok)
     proc = standin("build", "--dry-run", "ok.yml", cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     merged = yaml.safe_load(proc.stdout)
     assert merged["onboot"][0]["net"] == "on" and merged["onboot"][0]["hostname"] == "1:30"
+    assert merged["onboot"][0]["pid"] == "yes" and merged["onboot"][0]["cwd"] == "="
     errors = schema_failure(tmp_path, "files:\n  - path: a\n    contents: b\n    optional: yes\n")
     assert errors == ["- files.0.optional: Invalid type. Expected: boolean, given: string"]
     (tmp_path / "dup.yml").write_text("kernel:\n  image: a\n  image: b\n")
     fails(standin("build", "--dry-run", "dup.yml", cwd=tmp_path), 'mapping key "image" already defined')
+
+
+def test_schema_path_from_env(tmp_path: Path) -> None:
+    (tmp_path / "c.yml").write_text("kernel:\n  image: a/b:c\n")
+    env = {"HOOK_STANDIN_SCHEMA": str(tmp_path / "none.json")}
+    fails(standin("build", "--dry-run", "c.yml", cwd=tmp_path, env=env), "cannot read the LinuxKit schema")
 
 
 def test_merge_like_append_config(tmp_path: Path) -> None:
