@@ -65,12 +65,9 @@ def context_files(spec: ImageSpec, root: Path) -> list[Path]:
 
 def build_args(spec: ImageSpec, settings: Settings, arch: Arch) -> dict[str, str]:
     """The build args for one arch: only what the settings override; '{arch}' becomes amd64/arm64."""
-    args = {
-        "BASE_IMAGE": getattr(settings, spec.base_setting),
-        "BUILD_IMAGE": settings.build_image,
-        **settings.build_args,
-    }
-    return {k: v.replace("{arch}", arch.docker) for k, v in args.items() if v}
+    bases = {"BASE_IMAGE": getattr(settings, spec.base_setting), "BUILD_IMAGE": settings.build_image}
+    args = {**{k: v for k, v in bases.items() if v}, **settings.build_args}  # build_args may set KEY= (empty)
+    return {k: v.replace("{arch}", arch.docker) for k, v in args.items()}
 
 
 def content_hash(spec: ImageSpec, root: Path, files: Iterable[Path], args_by_arch: dict[str, dict[str, str]]) -> str:
