@@ -3,6 +3,7 @@ host as the image would, build their images, serve HTTP on loopback."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from types import ModuleType
 
 ROOT = Path(__file__).resolve().parent.parent
 CONTAINERS = ROOT / "containers"
@@ -25,6 +27,11 @@ sys.dont_write_bytecode = True
 for _path in (COMMON, BOOTKIT.parent, HOOK_DOCKER.parent):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
+
+
+def program(name: str) -> ModuleType:
+    """A program's module (hook_bootkit, hook_docker), imported from containers/ for unit tests."""
+    return importlib.import_module(name)
 
 
 def program_env(**extra: str) -> dict[str, str]:
@@ -137,7 +144,7 @@ def build_image(dockerfile: Path, tag: str, *, build_args: dict[str, str], platf
         raise AssertionError(f"build of {tag} failed:\n{done.stderr[-4000:]}")
 
 
-def docker(*args: str, check: bool = True, config: Path | None = None) -> subprocess.CompletedProcess[str]:
+def docker_cli(*args: str, check: bool = True, config: Path | None = None) -> subprocess.CompletedProcess[str]:
     cmd = ["docker", *(["--config", str(config)] if config else []), *args]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if check and done.returncode:
@@ -146,4 +153,4 @@ def docker(*args: str, check: bool = True, config: Path | None = None) -> subpro
 
 
 def image_size(ref: str) -> int:
-    return int(docker("image", "inspect", "-f", "{{.Size}}", ref).stdout.strip())
+    return int(docker_cli("image", "inspect", "-f", "{{.Size}}", ref).stdout.strip())

@@ -14,5 +14,5 @@ python3 -m pip install --no-cache-dir --no-compile --disable-pip-version-check -
   --only-binary=:all: --platform any --implementation py --abi none \
   --require-hashes -r "$requirements" --target "$target"
 # Scripts and caches are of no use in the image; keep the dist-info (licences, versions).
-rm -rf "$target/bin"
+rm -rf "${target:?}/bin"
 find "$target" -name __pycache__ -prune -exec rm -rf {} +

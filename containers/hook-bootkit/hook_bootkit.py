@@ -138,9 +138,9 @@ class Bootkit:
         self.image = worker_image(cfg)
         self.client: docker.DockerClient | None = None
 
-    def _retry(self, action: Any, what: str, attempts: int | None = None) -> Any:
+    def _retry(self, action: Any, what: str, attempts: int | None = None, level: int = logging.ERROR) -> Any:
         return retry(action, what=what, log=log, stop=self.stop, backoff=self.options.backoff,
-                     attempts=self.options.attempts if attempts is None else attempts)
+                     attempts=self.options.attempts if attempts is None else attempts, level=level)
 
     def run(self) -> str:
         """Do everything; returns the running container's id."""
@@ -193,7 +193,7 @@ class Bootkit:
             try:
                 answer = http.get(url, self.cfg, user_agent=PROGRAM).json()
             except requests.RequestException as exc:
-                raise StepError(f"metadata service {url}: {reason(exc)}") from None
+                raise StepError(f"metadata service {url}: {http.describe(exc)}") from None
             except ValueError:
                 raise StepError(f"metadata service {url} did not answer JSON") from None
             machine = answer.get("id") if isinstance(answer, dict) else None
@@ -203,7 +203,7 @@ class Bootkit:
 
         try:
             machine = self._retry(query, "asking the metadata service for the machine id",
-                                  attempts=self.options.metadata_attempts)
+                                  attempts=self.options.metadata_attempts, level=logging.WARNING)
         except GaveUp as exc:
             log.warning("starting tink-worker without container_uuid: %s", exc)
             return None
@@ -380,8 +380,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Stopping as exc:
         log.info("stopping on %s", exc)
         return 0
-    except GaveUp as exc:
-        log.error("%s", exc)
+    except GaveUp:
+        log.error("giving up: tink-worker is not running (exit status %d)", EXIT_GAVE_UP)
         return EXIT_GAVE_UP
 
 

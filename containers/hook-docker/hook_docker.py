@@ -12,6 +12,7 @@ import argparse
 import base64
 import binascii
 import contextlib
+import ctypes
 import json
 import logging
 import os
@@ -23,7 +24,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,8 @@ EXIT_CONFIG = 2
 HEALTHY_RUN_SECONDS = 60.0
 
 log = logging.getLogger(PROGRAM)
+
+PR_SET_CHILD_SUBREAPER = 36
 
 _PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----(.*?)-----END CERTIFICATE-----", re.S)
 
@@ -127,6 +130,33 @@ def pem_certificates(data: bytes) -> bytes:
     return b"".join(certs)
 
 
+# --- orphans ---------------------------------------------------------------------------------
+
+def become_subreaper() -> bool:
+    """Adopt the orphans of dockerd (a killed dockerd leaves its containerd) so that they are reaped
+    here, as docker-init did for the Go original; a zombie containerd makes the next dockerd wait."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def reap_orphans(keep: Callable[[int], bool]) -> list[int]:
+    """Reap exited children, except those keep(pid) says their owner waits for; peeks first
+    (WNOWAIT) so that a child of ours is never taken from under its subprocess.Popen."""
+    reaped: list[int] = []
+    while True:
+        try:
+            info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return reaped
+        if info is None or keep(info.si_pid):
+            return reaped
+        os.waitpid(info.si_pid, 0)
+        reaped.append(info.si_pid)
+
+
 # --- options ---------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -156,6 +186,8 @@ class HookDocker:
         self.stop = stop
         self._proc: subprocess.Popen[bytes] | None = None
         self._stopped_proc: subprocess.Popen[bytes] | None = None
+        # Held while a command of ours is spawned or runs (but dockerd): no reaping meanwhile.
+        self._command_lock = threading.Lock()
         stop.on_stop(self.forward)
 
     def run(self) -> None:
@@ -188,7 +220,7 @@ class HookDocker:
             try:
                 answer = http.get(url, self.cfg, user_agent=PROGRAM)
             except requests.RequestException as exc:
-                raise StepError(reason(exc)) from None
+                raise StepError(http.describe(exc)) from None
             try:
                 pem = pem_certificates(answer.content)
             except ValueError as exc:
@@ -213,7 +245,8 @@ class HookDocker:
         def reboot() -> None:
             os.sync()
             try:
-                done = subprocess.run(command, stdin=subprocess.DEVNULL, timeout=120, check=False)
+                with self._command_lock:
+                    done = subprocess.run(command, stdin=subprocess.DEVNULL, timeout=120, check=False)
             except (OSError, subprocess.TimeoutExpired) as exc:
                 raise StepError(reason(exc)) from None
             if done.returncode != 0:
@@ -260,10 +293,14 @@ class HookDocker:
         command = self.dockerd_command()
         proxies = ", ".join(sorted(self.cfg.proxy_env())) or "none"
         delays = self.options.backoff.delays()
+        if become_subreaper():
+            threading.Thread(target=self._stoppable, args=(self._reap_forever,), name="reaper", daemon=True).start()
         while not self.stop.stopping:
+            self._reap(logging.INFO)
             started = time.monotonic()
             try:
-                self._proc = subprocess.Popen(command, env=self.dockerd_env(), stdin=subprocess.DEVNULL)
+                with self._command_lock:
+                    self._proc = subprocess.Popen(command, env=self.dockerd_env(), stdin=subprocess.DEVNULL)
             except OSError as exc:
                 delay = next(delays)
                 log.error("cannot run dockerd (%s): %s; retrying in %.1fs", command[0],
@@ -285,6 +322,24 @@ class HookDocker:
             delay = next(delays)
             log.error("dockerd exited after %.0fs (%s); restarting it in %.1fs", ran, describe_exit(code), delay)
             self._wait(delay)
+
+    def _reap(self, level: int) -> None:
+        if not self._command_lock.acquire(blocking=False):
+            return
+        try:
+            proc = self._proc
+            reaped = reap_orphans(lambda pid: proc is not None and proc.returncode is None and pid == proc.pid)
+        finally:
+            self._command_lock.release()
+        if reaped:
+            log.log(level, "reaped %d exited orphan(s) (dockerd's containerd or shims): pid %s", len(reaped),
+                    ", ".join(map(str, reaped)))
+
+    def _reap_forever(self) -> None:
+        """As subreaper, reap the shims and other orphans that exit while dockerd runs."""
+        while True:
+            self.stop.sleep(2.0)
+            self._reap(logging.DEBUG)
 
     def _wait(self, seconds: float) -> None:
         self.stop.event.wait(seconds)

@@ -30,7 +30,7 @@ done
 apk add --root "$root" --arch "$apk_arch" --initdb --no-cache --no-scripts $packages
 # Only what python needs at run time: no package database (the base image keeps its own),
 # no caches, no bytecode (python runs with -B), none of the stdlib that hook-docker never imports.
-rm -rf "$root/lib/apk" "$root/etc/apk" "$root/var" "$root/usr/share" "$root/usr/include"
+rm -rf "${root:?}/lib/apk" "${root:?}/etc/apk" "${root:?}/var" "${root:?}/usr/share" "${root:?}/usr/include"
 for lib in "$root"/usr/lib/python3.*; do
   rm -rf "$lib"/test "$lib"/idlelib "$lib"/tkinter "$lib"/turtledemo "$lib"/ensurepip \
     "$lib"/lib2to3 "$lib"/pydoc_data "$lib"/config-3.* "$lib"/site-packages/*

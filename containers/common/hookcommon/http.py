@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 import requests
 from requests.utils import should_bypass_proxies
 
 from hookcommon.cmdline import HookConfig
+from hookcommon.log import reason
 
 TIMEOUT = (5.0, 15.0)  # connect, read
 
@@ -16,6 +19,18 @@ def proxies_for(url: str, cfg: HookConfig) -> dict[str, str]:
         return {}
     proxies = {"http": cfg.http_proxy, "https": cfg.https_proxy}
     return {scheme: proxy for scheme, proxy in proxies.items() if proxy}
+
+
+def describe(exc: requests.RequestException) -> str:
+    """Why a request failed, in a few words (urllib3's nested wrappers stripped)."""
+    if isinstance(exc, requests.HTTPError) and exc.response is not None:
+        return f"HTTP {exc.response.status_code} {exc.response.reason}"
+    if isinstance(exc, requests.Timeout):
+        return "timed out"
+    errno = re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", str(exc))
+    if isinstance(exc, requests.ConnectionError):
+        return f"cannot connect ({errno.group(1).strip() if errno else reason(exc)})"
+    return reason(exc)
 
 
 def get(url: str, cfg: HookConfig, *, user_agent: str) -> requests.Response:

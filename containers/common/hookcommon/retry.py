@@ -97,11 +97,13 @@ def retry(
     stop: StopSignal,
     backoff: Backoff,
     attempts: int = 0,
+    level: int = logging.ERROR,
 ) -> T:
     """Run action until it returns; after each failure log why and wait with backoff.
 
-    attempts=0 retries for ever. A StepError is an expected failure (its message is logged as is);
-    any other exception is logged with its type, never as a traceback, and retried the same way.
+    attempts=0 retries for ever; failures are logged at level (an optional step logs warnings).
+    A StepError is an expected failure (its message is logged as is); any other exception is
+    logged with its type, never as a traceback, and retried the same way.
     Raises GaveUp after the last allowed attempt, Stopping when a stop is requested.
     """
     delays = backoff.delays()
@@ -117,8 +119,8 @@ def retry(
             why = f"{type(exc).__name__}: {reason(exc)}"
         of = f"/{attempts}" if attempts else ""
         if attempts and attempt >= attempts:
-            log.error("%s failed (attempt %d%s): %s; giving up", what, attempt, of, why)
+            log.log(level, "%s failed (attempt %d%s): %s; giving up", what, attempt, of, why)
             raise GaveUp(f"{what} failed after {attempt} attempts: {why}")
         delay = next(delays)
-        log.error("%s failed (attempt %d%s): %s; retrying in %.1fs", what, attempt, of, why, delay)
+        log.log(level, "%s failed (attempt %d%s): %s; retrying in %.1fs", what, attempt, of, why, delay)
         stop.sleep(delay)
