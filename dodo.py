@@ -50,34 +50,30 @@ def _relative(paths: list) -> list[str]:
     return [os.path.relpath(p, S.root) for p in paths]
 
 
+def _image_task(plan: pipeline.ImagePlan, arch: Arch, *, local: bool) -> dict:
+    record = pipeline.image_record(S, plan.spec, arch, local=local)
+    return {
+        "name": f"{plan.spec.name}-{arch}",
+        "file_dep": _relative(plan.files),
+        "targets": _relative([record]),
+        "uptodate": [config_changed({"tag": plan.tag, "org": S.org})],
+        "actions": [action(load_image if local else push_image, plan.spec, S, arch, plan.tag, record)],
+        "clean": True,
+    }
+
+
 def task_image_load():
     """Build an image for one arch into the local engine (dev_dist, debug_image)."""
     for plan in PLANS.values():
         for arch in LOCAL_ARCHES:
-            record = pipeline.image_record(S, plan.spec, arch, local=True)
-            yield {
-                "name": f"{plan.spec.name}-{arch}",
-                "file_dep": _relative(plan.files),
-                "targets": _relative([record]),
-                "uptodate": [config_changed({"tag": plan.tag, "org": S.org})],
-                "actions": [action(load_image, plan.spec, S, arch, plan.tag, record)],
-                "clean": True,
-            }
+            yield _image_task(plan, arch, local=True)
 
 
 def task_image_push():
     """Build an image for one arch and push it as <org>/<image>:<hash>-<arch> (dist)."""
     for plan in PLANS.values():
         for arch in RELEASE.arches(S):
-            record = pipeline.image_record(S, plan.spec, arch, local=False)
-            yield {
-                "name": f"{plan.spec.name}-{arch}",
-                "file_dep": _relative(plan.files),
-                "targets": _relative([record]),
-                "uptodate": [config_changed({"tag": plan.tag, "org": S.org})],
-                "actions": [action(push_image, plan.spec, S, arch, plan.tag, record)],
-                "clean": True,
-            }
+            yield _image_task(plan, arch, local=False)
 
 
 def task_image_index():
