@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+from collections.abc import Iterator
 
 import programs_helpers  # noqa: F401 - puts containers/common on sys.path
 import pytest
@@ -166,7 +167,7 @@ def test_retry_logs_every_failure_and_gives_up(caplog: pytest.LogCaptureFixture)
 
 
 def test_retry_names_unexpected_errors_and_recovers(caplog: pytest.LogCaptureFixture) -> None:
-    results = iter([KeyError("k"), 42])
+    results: Iterator[Exception | int] = iter([KeyError("k"), 42])
 
     def flaky() -> int:
         value = next(results)

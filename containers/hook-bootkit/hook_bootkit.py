@@ -13,10 +13,10 @@ import contextlib
 import logging
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import docker
@@ -39,6 +39,7 @@ EXIT_CONFIG = 2
 EXIT_GAVE_UP = 1
 
 log = logging.getLogger(PROGRAM)
+T = TypeVar("T")
 
 #: Names of Docker Hub's registry that mean the same as the 'docker.io' of a short image name.
 _DOCKER_HUB = {"index.docker.io": "docker.io", "registry-1.docker.io": "docker.io"}
@@ -138,7 +139,8 @@ class Bootkit:
         self.image = worker_image(cfg)
         self.client: docker.DockerClient | None = None
 
-    def _retry(self, action: Any, what: str, attempts: int | None = None, level: int = logging.ERROR) -> Any:
+    def _retry(self, action: Callable[[], T], what: str, attempts: int | None = None,
+               level: int = logging.ERROR) -> T:
         return retry(action, what=what, log=log, stop=self.stop, backoff=self.options.backoff,
                      attempts=self.options.attempts if attempts is None else attempts, level=level)
 
@@ -166,11 +168,10 @@ class Bootkit:
             else:
                 try:
                     client = docker.DockerClient(base_url=host, version="auto", timeout=60)
-                    client.ping()
+                    version = client.version()
                 except (docker.errors.DockerException, requests.RequestException, OSError) as exc:
                     why = reason(exc)
                 else:
-                    version = client.version()
                     log.info("docker engine %s answers at %s (API %s)", version.get("Version", "?"),
                              host, client.api.api_version)
                     return client

@@ -200,7 +200,7 @@ class HookDocker:
                          daemon=True).start()
         self.supervise()
 
-    def _stoppable(self, target: Any) -> None:
+    def _stoppable(self, target: Callable[[], None]) -> None:
         with contextlib.suppress(Stopping):
             target()
 

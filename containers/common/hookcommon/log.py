@@ -38,7 +38,7 @@ def mask(text: str) -> str:
 class MaskingFormatter(logging.Formatter):
     """Masks the whole formatted record, exception text included."""
 
-    converter = time.gmtime
+    converter = staticmethod(time.gmtime)
 
     def format(self, record: logging.LogRecord) -> str:
         return mask(super().format(record))
