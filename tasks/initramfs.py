@@ -207,6 +207,7 @@ class _Decoder:
                 "rebuild or re-download it"
             ) from None
         if d.eof:
+            self._tail = b""  # zlib leaves the rest in both unconsumed_tail and unused_data
             self.raw.unread(d.unused_data)
             if self.raw.peek(len(self._magic)) == self._magic:
                 self._d = self._new()
