@@ -29,6 +29,17 @@ TYPES = {
     stat.S_IFSOCK: "s",
 }
 
+#: What each type is called in messages.
+TYPE_NAMES = {
+    stat.S_IFREG: "a regular file",
+    stat.S_IFDIR: "a directory",
+    stat.S_IFLNK: "a symlink",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFSOCK: "a socket",
+}
+
 _NEWC_FIELDS = struct.Struct(">13I")
 
 

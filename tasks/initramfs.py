@@ -268,8 +268,8 @@ def _normalise(raw: bytes, where: str) -> bytes:
         raise HookError(f"entry {where} has an empty name; fix the tool that made the archive")
     parts = [p for p in raw.split(b"/") if p not in (b"", b".")]
     if b".." in parts:
-        raise HookError(f"entry {_show(raw)!r} ({where}) has a '..' component: refused, it could write "
-                        "outside the root; fix the archive")
+        raise HookError(f"entry {where} has a '..' component: refused, it could write outside the root; "
+                        "fix the archive")
     return b"/".join(parts) or b"."
 
 
@@ -377,8 +377,8 @@ class _Scanner:
         if kind == stat.S_IFLNK and not 0 < size <= cpio.PATH_MAX:
             raise HookError(f"symlink {shown} has a target of {size} bytes: must be 1..{cpio.PATH_MAX}")
         if kind not in (stat.S_IFREG, stat.S_IFLNK) and size:
-            raise HookError(f"entry {shown} is a {cpio.filemode(h.mode)[0]!r} entry with {size} bytes of "
-                            "data: only files and symlinks carry data; the archive is corrupt")
+            raise HookError(f"entry {shown} is {cpio.TYPE_NAMES[kind]} with {size} bytes of data: only "
+                            "files and symlinks carry data; the archive is corrupt")
         if left is not None and size > left:
             raise HookError(f"entry {shown} declares {size} bytes of data but the input has only "
                             f"{left} left: the input is truncated or the header corrupt")
@@ -474,7 +474,7 @@ def _resolve(entries: list[_Entry]) -> _Tree:
                 added += 1
             elif parent.kind != stat.S_IFDIR:
                 raise HookError(f"entry {child.where}: its parent {parent.where} is "
-                                f"{cpio.filemode(parent.mode)[0]!r}, not a directory; fix the archive")
+                                f"{cpio.TYPE_NAMES[parent.kind]}, not a directory; fix the archive")
             else:
                 break
             child = by_name[parent_name]
