@@ -286,6 +286,7 @@ class _Scanner:
         self.archives = 0
         self.streams: list[str] = []
         self.bytes_in = 0
+        self.raw = _Source(lambda n: b"")
 
     def entries(self) -> Iterator[_Entry]:
         try:
@@ -294,7 +295,7 @@ class _Scanner:
             raise HookError(f"cannot read input {self.src}: {exc.strerror}") from None
         with fh:
             self.bytes_in = os.fstat(fh.fileno()).st_size
-            raw = _Source(fh.read)
+            raw = self.raw = _Source(fh.read)
             while True:
                 raw.skip_zeros()
                 head = raw.peek(6)
@@ -363,8 +364,9 @@ class _Scanner:
             if h.aligned:
                 src.read_exact(cpio.pad4(src.pos - base))
             prev = f"entry {shown}"
-            if self.progress:
-                self.progress.update("read", self.bytes_in, self.budget.total)
+            if self.progress and self.progress.due("read"):
+                self.progress.show(f"read {_mib(self.raw.pos)} of {_mib(self.bytes_in)} in, "
+                                   f"{_mib(self.spooled)} of file data")
             yield entry
 
     def _entry(self, src: _Source, h: cpio.Header, raw_name: bytes, shown: str, archive: int,
@@ -641,7 +643,7 @@ class _ZstdWriter:
 
 
 def _emit(plan: _Plan, spool: memoryview, write: Callable[[bytes | bytearray | memoryview], None],
-          progress: _Progress | None) -> None:
+          progress: _Progress | None, out: BinaryIO) -> None:
     """Write the newc stream of plan to write(), in CHUNK-sized pieces (file data as spool views)."""
     buf = bytearray()
     done = 0
@@ -668,8 +670,8 @@ def _emit(plan: _Plan, spool: memoryview, write: Callable[[bytes | bytearray | m
             write(buf)
             done += len(buf)
             buf = bytearray()
-            if progress:
-                progress.update("write", done, plan.size)
+        if progress and progress.due("write"):
+            progress.show(f"write {_mib(done)} of {_mib(plan.size)} uncompressed, {_mib(out.tell())} out")
     buf += cpio.trailer()
     buf += b"\0" * (plan.size - done - len(buf))
     write(buf)
@@ -729,15 +731,21 @@ class _Progress:
 
     def __init__(self) -> None:
         self.last = 0.0
+        self.phase = ""
         self.shown = False
 
-    def update(self, phase: str, done: int, total: int) -> None:
+    def due(self, phase: str) -> bool:
+        """True when a new phase starts or the line is a quarter of a second old."""
         now = time.monotonic()
-        if now - self.last < 0.25:
-            return
+        if phase == self.phase and now - self.last < 0.25:
+            return False
         self.last = now
+        self.phase = phase
+        return True
+
+    def show(self, text: str) -> None:
         self.shown = True
-        print(f"\rhook: {phase} {_mib(done)} / {_mib(total)}   ", end="", file=sys.stderr, flush=True)
+        print(f"\rhook: {text}   ", end="", file=sys.stderr, flush=True)
 
     def end(self) -> None:
         if self.shown:
@@ -849,7 +857,7 @@ def repack(
                     else:
                         writer = _ZstdWriter(fh, level, threads, plan.size)
                     try:
-                        _emit(plan, view, writer.write, prog)
+                        _emit(plan, view, writer.write, prog, fh)
                     finally:
                         writer.close()
                     fh.flush()

@@ -394,3 +394,13 @@ def test_options_are_checked(tmp_path: Path) -> None:
     with pytest.raises(HookError, match="cannot read input"):
         initramfs.repack(tmp_path / "missing", tmp_path / "y")
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_progress_only_on_a_terminal(tree: Path, tmp_path: Path) -> None:
+    archive = tmp_path / "a.cpio"
+    archive.write_bytes(gnu_archive(tree))
+    cmd = f"{sys.executable} -m tasks.initramfs repack {archive} {tmp_path / 'out'}"
+    done = subprocess.run(["script", "-qec", cmd, "/dev/null"], cwd=ROOT, capture_output=True, env=ENV)
+    assert done.returncode == 0, done.stdout
+    assert b"\rhook: read " in done.stdout and b"\rhook: write " in done.stdout  # stderr is the pty here
+    assert b" out" in done.stdout.split(b"\rhook: write ")[-1]
