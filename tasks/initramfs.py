@@ -376,6 +376,9 @@ class _Scanner:
             raise HookError(f"entry {shown} has an unknown file type (mode {h.mode:#o}): the archive is corrupt")
         name = _normalise(raw_name, shown)
         size = h.filesize
+        if max(size, h.mtime) > 0xFFFFFFFF:
+            raise HookError(f"entry {shown} has a size or mtime over 32 bits (odc allows it, newc cannot "
+                            "hold it): fix the archive")
         if kind == stat.S_IFLNK and not 0 < size <= cpio.PATH_MAX:
             raise HookError(f"symlink {shown} has a target of {size} bytes: must be 1..{cpio.PATH_MAX}")
         if kind not in (stat.S_IFREG, stat.S_IFLNK) and size:

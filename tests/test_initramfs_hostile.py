@@ -33,6 +33,12 @@ def entry(name: bytes, data: bytes = b"", *, mode: int = 0o100644, namesize: int
     return body + data + b"\0" * cpio.pad4(len(data))
 
 
+def odc_entry(name: bytes, *, mtime: int) -> bytes:
+    """One odc entry of an empty file (all fields octal, no padding)."""
+    head = b"%06o%06o%06o%06o%06o%06o%06o%011o%06o%011o" % (0, 1, 0o100644, 0, 0, 1, 0, mtime, len(name) + 1, 0)
+    return cpio.ODC + head + name + b"\0"
+
+
 TRAILER = entry(b"TRAILER!!!")
 GOOD = entry(b"etc", mode=0o40755) + entry(b"etc/passwd", b"root:x:0:0::/:/bin/sh\n") + TRAILER
 
@@ -74,6 +80,7 @@ def hostile(tmp: Path) -> dict[str, tuple[bytes, str]]:
         "not hex": (b"070701" + b"zz" * 52 + b"\0" * 64,
                     r"bad cpio header at input byte 0, after the start of the archive: header fields are not hex"),
         "not octal": (b"070707" + b"9" * 70 + b"\0" * 64, r"not 6 octal digits"),
+        "odc mtime over 32 bits": (odc_entry(b"x", mtime=2**33 - 1), r"'x' .* size or mtime over 32 bits"),
         "unknown type": (entry(b"x", mode=0o170644) + TRAILER, r"unknown file type"),
         "device with data": (entry(b"null", b"data", mode=0o20644) + TRAILER, r"only files and symlinks carry"),
         "empty symlink": (entry(b"l", mode=0o120777) + TRAILER, r"symlink 'l' .* target of 0 bytes"),
@@ -96,7 +103,8 @@ def _case_names() -> list[str]:
         "bad magic", "truncated header", "truncated data", "truncated gzip data", "truncated gzip stream",
         "namesize beyond input", "filesize beyond input", "4 GiB on a 1 KiB gzip input", "missing trailer",
         "dotdot name", "empty name", "name of 1 MiB", "name without NUL", "gzip CRC", "gzip corrupt", "not hex",
-        "not octal", "unknown type", "device with data", "empty symlink", "parent not a dir", "root not a dir",
+        "not octal", "odc mtime over 32 bits", "unknown type", "device with data", "empty symlink",
+        "parent not a dir", "root not a dir",
         "crc checksum", "junk after gzip", "junk in gzip", "bzip2", "empty file", "zeros only", "gzip bomb",
     ]
 
