@@ -97,7 +97,8 @@ def task_linuxkit():
         for arch in build.arches(S):
             templates = [S.root / "linuxkit" / t for t in build.templates]
             refs = pipeline.image_refs(S, PLANS, build, arch)
-            outputs = [*pipeline.linuxkit_outputs(S, build, arch).values(), *pipeline.boot_files(S, build, arch)]
+            outputs = [*pipeline.rendered_files(S, build, arch), *pipeline.linuxkit_outputs(S, build, arch).values(),
+                       *pipeline.boot_files(S, build, arch)]
             settings_used = {"refs": refs, "kernel": S.kernel, "pkg_org": S.pkg_org, "linuxkit": S.linuxkit,
                              "compression": S.compression}
             if build.flavour == "debug":

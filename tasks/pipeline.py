@@ -64,6 +64,13 @@ def linuxkit_outputs(settings: Settings, build: Build, arch: Arch) -> dict[str, 
     return {kind: folder / f"{build.prefix}-{kind}" for kind in linuxkit.OUTPUTS}
 
 
+def rendered_files(settings: Settings, build: Build, arch: Arch) -> list[Path]:
+    """What render_configs writes: the configs, and for debug the authorized_keys they point at."""
+    folder = linuxkit_dir(settings, build, arch)
+    extra = ["authorized_keys"] if build.flavour == "debug" else []
+    return [folder / name for name in (*build.templates, *extra)]
+
+
 def boot_files(settings: Settings, build: Build, arch: Arch) -> tuple[Path, Path]:
     """(vmlinuz-<arch>, initramfs-<arch>): what iPXE boots, after convert."""
     folder = settings.out / build.name / arch.value
