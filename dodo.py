@@ -10,6 +10,7 @@ import sys
 
 from doit import get_var
 from doit.exceptions import TaskFailed
+from doit.task import clean_targets
 from doit.tools import config_changed
 
 from tasks import pipeline
@@ -109,7 +110,7 @@ def task_linuxkit():
                 "targets": _relative(outputs),
                 "uptodate": [config_changed(settings_used)],
                 "actions": [action(pipeline.make_os, S, build, arch, PLANS)],
-                "clean": True,
+                "clean": [clean_targets, (pipeline.clean_converted, (S, build, arch))],
             }
 
 

@@ -11,7 +11,7 @@ from tasks import images, linuxkit
 from tasks.arch import Arch
 from tasks.config import Settings
 from tasks.errors import HookError
-from tasks.files import atomic_write_text, atomic_writer
+from tasks.files import atomic_write_text, atomic_writer, remove
 from tasks.package import package
 from tasks.run import log_step
 
@@ -194,6 +194,13 @@ def convert(settings: Settings, build: Build, arch: Arch) -> None:
         shutil.copyfileobj(src, dst, 1 << 20)
     stats = initramfs.repack(made["initrd.img"], initrd, compression=settings.compression)
     log_step(f"convert {build.name} {arch}: {stats}")
+
+
+def clean_converted(settings: Settings, build: Build, arch: Arch) -> None:
+    """What `doit clean` removes beyond the targets: the convert engine's record beside the initramfs."""
+    from tasks import initramfs
+
+    remove(initramfs.check_path(boot_files(settings, build, arch)[1]))
 
 
 def convert_is_current(settings: Settings, build: Build, arch: Arch) -> bool:
