@@ -12,7 +12,7 @@ if [ ! -x .venv/bin/python3 ]; then
 fi
 export PATH="$PWD/.venv/bin:$PATH" VIRTUAL_ENV="$PWD/.venv"
 echo "==> python: pip install -e .[test]" >&2
-python3 -m pip install -q --disable-pip-version-check -e '.[test]'
+python3 -m pip install -q --disable-pip-version-check -e '.[test]' 2> >(grep -v 'is ignored: it is neither a file' >&2)
 echo "==> ruff" >&2
 ruff check .
 echo "==> pytest" >&2
