@@ -114,6 +114,25 @@ def _docker() -> Any:
     return client
 
 
+def _check_builder(name: str | None) -> None:
+    """A named buildx builder must exist: said when an image task starts, not when a build fails on it."""
+    if name:
+        _builder_exists(name)
+
+
+@functools.cache
+def _builder_exists(name: str) -> None:
+    from python_on_whales.exceptions import DockerException
+
+    try:
+        _docker().buildx.inspect(name)
+    except DockerException:
+        raise HookError(
+            f"buildx builder {name!r} not found: `docker buildx ls` lists them, `docker buildx create --name {name}` "
+            "makes one; or leave builder= empty for the current one"
+        ) from None
+
+
 def _last_line(exc: Exception) -> str:
     text = (getattr(exc, "stderr", None) or str(exc)).strip().splitlines()
     lines = [line.strip() for line in text if line.strip() and not line.startswith(("#", "---"))]
@@ -188,6 +207,7 @@ def _record(path: Path, data: dict[str, Any]) -> None:
 
 def load_image(spec: ImageSpec, settings: Settings, arch: Arch, tag: str, record: Path) -> None:
     """Build one arch into the local engine (unless that tag is there already) and record it."""
+    _check_builder(settings.builder)
     client = _docker()
     ref = image_ref(settings, spec, tag, arch)
     started = time.monotonic()
@@ -209,6 +229,7 @@ def load_image(spec: ImageSpec, settings: Settings, arch: Arch, tag: str, record
 
 def push_image(spec: ImageSpec, settings: Settings, arch: Arch, tag: str, record: Path) -> None:
     """Build and push one arch (unless the registry has that tag already) and record what is there."""
+    _check_builder(settings.builder)
     ref = image_ref(settings, spec, tag, arch)
     if _remote_manifest(ref) is not None:
         log_step(f"{ref} is in the registry already: not rebuilt or pushed")
@@ -223,6 +244,7 @@ def push_image(spec: ImageSpec, settings: Settings, arch: Arch, tag: str, record
 
 def create_index(spec: ImageSpec, settings: Settings, arches: Iterable[Arch], tag: str, record: Path) -> None:
     """Join the pushed per-arch tags into the multi-arch index <org>/<image>:<hash>."""
+    _check_builder(settings.builder)
     from python_on_whales.exceptions import DockerException
 
     arches = tuple(arches)

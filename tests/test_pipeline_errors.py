@@ -105,3 +105,9 @@ def test_debug_image_without_ssh_key(project: Project, tmp_path: Path) -> None:
     assert result.returncode != 0
     assert "no ssh public key found" in _failure(result)
     assert not project.out(f"dist/debug/hook-debug_{ARCH}.tar.gz").exists()
+
+
+def test_unknown_buildx_builder(project: Project) -> None:
+    result = project.doit("dev_dist", "builder=no-such-builder", check=False)
+    assert result.returncode != 0
+    assert "buildx builder 'no-such-builder' not found: `docker buildx ls` lists them" in _failure(result)
