@@ -192,8 +192,7 @@ def convert(settings: Settings, build: Build, arch: Arch) -> None:
     kernel, initrd = boot_files(settings, build, arch)
     with made["kernel"].open("rb") as src, atomic_writer(kernel) as dst:
         shutil.copyfileobj(src, dst, 1 << 20)
-    stats = initramfs.repack(made["initrd.img"], initrd, compression=settings.compression)
-    log_step(f"convert {build.name} {arch}: {stats}")
+    initramfs.repack(made["initrd.img"], initrd, compression=settings.compression)  # logs its own summary
 
 
 def clean_converted(settings: Settings, build: Build, arch: Arch) -> None:
