@@ -5,9 +5,10 @@ Input: gzip (one or several members), zstd, xz or uncompressed; cpio newc, crc o
 archives in a row, as the kernel reads them. Nothing is extracted: names never touch the file
 system. Pass 1 streams the input once, validates every header and spools regular-file data into
 one anonymous temporary file; pass 2 writes the entries sorted (parents first) from that spool.
-Memory holds only the entries' metadata.
+Memory holds only the entries' metadata. An input that starts with an uncompressed early-load
+archive (microcode, ACPI tables under kernel/) keeps it: it is written first, uncompressed.
 
-    python -m tasks.initramfs repack INPUT OUTPUT [--compression gzip|zstd] [--level N]
+    python -m tasks.initramfs repack INPUT OUTPUT [--compression gzip|zstd] [--level N] [--merge-early]
     python -m tasks.initramfs list INPUT
     python -m tasks.initramfs verify INPUT [--quick]
 """
@@ -254,6 +255,8 @@ class _Entry:
     data: int
     target: bytes
     where: str
+    #: Which archive of the input (1 = the first) the entry came from.
+    archive: int = 0
     ino: int = 0
     store: bool = True
 
@@ -284,6 +287,8 @@ class _Scanner:
         self.budget = _Budget(limit)
         self.progress = progress
         self.archives = 0
+        #: Numbers of the archives read straight from the file, not from a compressed stream.
+        self.plain_archives: set[int] = set()
         self.streams: list[str] = []
         self.bytes_in = 0
         self.raw = _Source(lambda n: b"")
@@ -303,6 +308,7 @@ class _Scanner:
                     break
                 if head.startswith(b"0707"):
                     self.streams.append("cpio")
+                    self.plain_archives.add(self.archives + 1)
                     yield from self._archive(raw, "input byte {}", base=raw.pos, size=self.bytes_in)
                     continue
                 kind = _compression_of(head, raw.pos)
@@ -408,7 +414,7 @@ class _Scanner:
         if kind == stat.S_IFREG and h.nlink >= 2:
             link_key = (archive, h.devmajor, h.devminor, h.ino, h.mode)
         return _Entry(raw_name, name, h.mode, h.uid, h.gid, h.nlink, h.mtime, size, h.rdevmajor,
-                      h.rdevminor, link_key, data, target, shown)
+                      h.rdevminor, link_key, data, target, shown, archive)
 
     def _copy(self, src: _Source, size: int, shown: str, *, crc: bool) -> tuple[int, int]:
         """Move size bytes of file data to the spool; return (byte sum for crc, spool offset)."""
@@ -487,6 +493,43 @@ def _resolve(entries: list[_Entry]) -> _Tree:
     return _Tree(sorted(by_name.values(), key=_sort_key), duplicates, added)
 
 
+#: Names an early-load archive may hold besides `kernel` and `kernel/...`: the root, which Debian's
+#: and dracut's early archives carry, and dracut's (and genkernel's) marker file.
+EARLY_EXTRA = (b".", b"early_cpio")
+
+
+def _is_early(name: bytes) -> bool:
+    return name == b"kernel" or name.startswith(b"kernel/") or name in EARLY_EXTRA
+
+
+def _early_cut(entries: list[_Entry], plain: set[int]) -> tuple[int, str]:
+    """How many leading entries form the early-load part of the input, and why an uncompressed
+    first archive is not early-load ('' when there is none, or when it is).
+
+    The kernel's early microcode loader and ACPI table override (lib/earlycpio.c) read only the
+    uncompressed cpio archives at the very start of the initrd. The early part is the leading run
+    of archives read straight from the file (not from a compressed stream) whose entries are all
+    `kernel`, under `kernel/`, the root or dracut's `early_cpio` marker, with at least one of the
+    first two. Entries come in archive order, so that part is a prefix of entries.
+    """
+    cut = 0
+    archive = 1
+    while archive in plain:
+        end = cut
+        while end < len(entries) and entries[end].archive == archive:
+            end += 1
+        stray = next((e for e in entries[cut:end] if not _is_early(e.name)), None)
+        if stray is not None:
+            if archive == 1:
+                return 0, f"its entry {stray.where} is not under kernel/, so it is not early-load content"
+            break
+        cut = end
+        archive += 1
+    if cut and not any(e.name not in EARLY_EXTRA for e in entries[:cut]):
+        return 0, "it holds nothing under kernel/"
+    return cut, ""
+
+
 @dataclass
 class _Plan:
     order: list[_Entry]
@@ -495,11 +538,16 @@ class _Plan:
     dedup_files: int
 
 
-def _plan(tree: _Tree, *, dedup: bool, spool: memoryview) -> _Plan:
-    """Group regular files into output hardlinks, number inodes, size the output."""
+def _plan(tree: _Tree, *, dedup: bool, spool: memoryview, links: bool = True) -> _Plan:
+    """Group regular files into output hardlinks, number inodes, size the output.
+
+    links=False (the early-load archive): every file is its own inode carrying its own data. The
+    early loader reads the data stored under the name it looks for, so a hardlink whose data sits
+    on another name would look empty to it.
+    """
     groups: dict[tuple, list[_Entry]] = {}
     for entry in tree.order:
-        if entry.kind != stat.S_IFREG:
+        if entry.kind != stat.S_IFREG or not links:
             continue
         meta = (entry.mode, entry.uid, entry.gid, entry.mtime)
         if dedup and entry.size:
@@ -698,14 +746,26 @@ class RepackStats:
     duplicates: int
     parents_added: int
     seconds: float
+    #: Entries and bytes of the uncompressed early-load archive written first (0 when none).
+    early_entries: int = 0
+    early_bytes: int = 0
+    #: Why an uncompressed first archive was merged into the compressed one ('' when none was).
+    early_note: str = ""
 
     def __str__(self) -> str:
-        ratio = self.uncompressed / self.bytes_out if self.bytes_out else 0.0
+        compressed = self.bytes_out - self.early_bytes
+        ratio = self.uncompressed / compressed if compressed > 0 else 0.0
+        early = ""
+        if self.early_entries:
+            early = (f", early-load archive first (uncompressed): {self.early_entries} of the entries, "
+                     f"{self.early_bytes} bytes")
+        elif self.early_note:
+            early = f", uncompressed first archive merged ({self.early_note})"
         return (
             f"{self.entries} entries, {_mib(self.bytes_in)} in -> {_mib(self.bytes_out)} out "
             f"(cpio {_mib(self.uncompressed)}, ratio {ratio:.2f}), dedup saved "
             f"{_mib(self.dedup_saved_bytes)} in {self.dedup_files} files, {self.duplicates} duplicate "
-            f"names, {self.parents_added} parents added, {self.seconds:.1f}s"
+            f"names, {self.parents_added} parents added{early}, {self.seconds:.1f}s"
         )
 
 
@@ -790,11 +850,15 @@ def _edges(fh: BinaryIO, size: int) -> tuple[bytes, bytes]:
     return head, fh.read(EDGE)
 
 
-def _write_check(dst: Path, compression: str, entries: int, uncompressed: int) -> None:
+def _write_check(dst: Path, compression: str, entries: int, uncompressed: int, early: int) -> None:
     st = dst.stat()
+    main_head = b""
     with open(dst, "rb") as fh:
         head, tail = _edges(fh, st.st_size)
-    record = {
+        if early:  # where the compressed archive starts: quick_check finds and hashes it there
+            fh.seek(early)
+            main_head = fh.read(EDGE)
+    record: dict[str, object] = {
         "format": "hook-initramfs-check/1",
         "compression": compression,
         "size": st.st_size,
@@ -803,7 +867,10 @@ def _write_check(dst: Path, compression: str, entries: int, uncompressed: int) -
         "tail_sha256": hashlib.sha256(tail).hexdigest(),
         "entries": entries,
         "uncompressed": uncompressed,
+        "early": early,
     }
+    if early:
+        record["main_head_sha256"] = hashlib.sha256(main_head).hexdigest()
     side = check_path(dst)
     tmp = side.with_name(side.name + ".tmp")
     tmp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
@@ -819,8 +886,14 @@ def repack(
     max_output_bytes: int | None = None,
     dedup: bool = True,
     progress: bool | None = None,
+    merge_early: bool = False,
 ) -> RepackStats:
     """Rewrite the initramfs src as one canonical, validated newc archive at dst.
+
+    When src starts with uncompressed early-load archives (kernel/x86/microcode/..., kernel/firmware/
+    acpi/...: only what the kernel's early loaders read), their entries are written first as an
+    uncompressed newc archive of their own, then the compressed archive of everything else, as the
+    kernel expects. merge_early=True merges them into the one compressed archive instead.
 
     Atomic: writes a temporary file in dst's directory, fsyncs it and renames it over dst; on any
     error neither dst nor a temporary file remains (unless dst is src itself, which is left alone).
@@ -843,17 +916,27 @@ def repack(
             scanner = _Scanner(src, spool=spool, limit=max_output_bytes, progress=prog)
             entries = list(scanner.entries())
             spool.flush()
+            cut, early_note = _early_cut(entries, scanner.plain_archives)
+            if cut and merge_early:
+                early_note = f"asked by --merge-early; the kernel's early loaders will not see its {cut} entries"
+                cut = 0
+            early_tree = _resolve(entries[:cut]) if cut else None
+            del entries[:cut]
             tree = _resolve(entries)
             del entries
             mm, view = _spool_view(spool, scanner.spooled)
             try:
+                early = _plan(early_tree, dedup=False, spool=view, links=False) if early_tree else None
                 plan = _plan(tree, dedup=dedup, spool=view)
-                if max_output_bytes is not None and plan.size > max_output_bytes:
-                    raise HookError(f"output would be {plan.size} bytes uncompressed, over the limit of "
-                                    f"{max_output_bytes}: raise --max-output-bytes if it is genuine")
+                early_size = early.size if early else 0
+                if max_output_bytes is not None and plan.size + early_size > max_output_bytes:
+                    raise HookError(f"output would be {plan.size + early_size} bytes uncompressed, over the "
+                                    f"limit of {max_output_bytes}: raise --max-output-bytes if it is genuine")
                 fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
                 with open(fd, "wb") as fh:
                     os.fchmod(fd, 0o644)
+                    if early:  # uncompressed, first: where the kernel's early loaders look
+                        _emit(early, view, fh.write, prog, fh)
                     writer: _GzipWriter | _ZstdWriter
                     if compression == "gzip":
                         writer = _GzipWriter(fh, level, threads)
@@ -874,7 +957,8 @@ def repack(
         os.replace(tmp, dst)
         tmp = None
         _fsync_dir(dst.parent)
-        _write_check(dst, compression, len(plan.order), plan.size)
+        early_entries = len(early.order) if early else 0
+        _write_check(dst, compression, early_entries + len(plan.order), plan.size, early_size)
     except BaseException as exc:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
@@ -887,14 +971,19 @@ def repack(
     finally:
         if prog:
             prog.end()
-    if tree.duplicates:
-        names = ", ".join(repr(_show(n)) for n in tree.duplicates[:5])
-        log_step(f"warning: {len(tree.duplicates)} duplicate names, the last of each kept (as the kernel "
-                 f"does): {names}{', ...' if len(tree.duplicates) > 5 else ''}")
+    duplicates = (early_tree.duplicates if early_tree else []) + tree.duplicates
+    if duplicates:
+        names = ", ".join(repr(_show(n)) for n in duplicates[:5])
+        log_step(f"warning: {len(duplicates)} duplicate names, the last of each kept (as the kernel "
+                 f"does): {names}{', ...' if len(duplicates) > 5 else ''}")
+    if early_note:
+        log_step(f"note: the uncompressed first archive is merged into the compressed one: {early_note}")
     stats = RepackStats(
-        entries=len(plan.order), bytes_in=scanner.bytes_in, bytes_out=bytes_out, uncompressed=plan.size,
-        dedup_saved_bytes=plan.dedup_saved, dedup_files=plan.dedup_files, duplicates=len(tree.duplicates),
-        parents_added=tree.parents_added, seconds=time.monotonic() - started,
+        entries=early_entries + len(plan.order), bytes_in=scanner.bytes_in, bytes_out=bytes_out,
+        uncompressed=plan.size, dedup_saved_bytes=plan.dedup_saved, dedup_files=plan.dedup_files,
+        duplicates=len(duplicates), parents_added=tree.parents_added + (early_tree.parents_added if early_tree else 0),
+        seconds=time.monotonic() - started, early_entries=early_entries, early_bytes=early_size,
+        early_note=early_note,
     )
     log_step(f"repacked {dst.name}: {stats}")
     return stats
@@ -917,11 +1006,14 @@ def quick_check(path: Path) -> bool:
     """Cheap check (no decompression of the whole file) that path is a complete repack output.
 
     True only when the check record written by repack matches the file's size, mtime and the
-    hashes of its first and last 64 KiB, the file starts with the recorded compression's magic
-    and its first bytes decompress to a newc header, and (gzip) the trailer's ISIZE matches.
-    Catches: a missing, truncated, appended-to, replaced or rewritten file and half-written
-    temporaries (they have no record). Cannot catch: corruption in the middle of the file that
-    keeps its size and mtime (verify() reads everything).
+    hashes of its first and last 64 KiB, the compressed archive starts with the recorded
+    compression's magic and its first bytes decompress to a newc header, and (gzip) the trailer's
+    ISIZE matches. When the output starts with an uncompressed early-load archive, the record
+    holds its length: the file must start with a newc header, that archive must end in our
+    TRAILER!!! and zero padding, and the first 64 KiB of the compressed archive after it must
+    match their hash too. Catches: a missing, truncated, appended-to, replaced or rewritten file
+    and half-written temporaries (they have no record). Cannot catch: corruption in the middle of
+    the file that keeps its size and mtime (verify() reads everything).
     """
     path = Path(path)
     try:
@@ -931,8 +1023,21 @@ def quick_check(path: Path) -> bool:
             return False
         if st.st_size != record["size"] or st.st_mtime_ns != record["mtime_ns"]:
             return False
+        early = record.get("early", 0)  # records written before early-load archives have none
+        if type(early) is not int or early < 0 or early % 512 or early >= st.st_size:
+            return False
         with open(path, "rb") as fh:
             head, tail = _edges(fh, st.st_size)
+            main = head
+            if early:
+                fh.seek(early - min(early, 1024))  # holds all of the trailer entry and its padding
+                early_end = fh.read(min(early, 1024))
+                main = fh.read(EDGE)
+                if hashlib.sha256(main).hexdigest() != record["main_head_sha256"]:
+                    return False
+                if not head.startswith(cpio.NEWC) or not early_end.rstrip(b"\0").endswith(
+                        cpio.trailer().rstrip(b"\0")):
+                    return False
     except (OSError, ValueError, KeyError, TypeError):
         return False
     if hashlib.sha256(head).hexdigest() != record["head_sha256"]:
@@ -941,15 +1046,15 @@ def quick_check(path: Path) -> bool:
         return False
     try:
         if record["compression"] == "gzip":
-            if not head.startswith(_GzipWriter.HEADER) or len(tail) < 8:
+            if not main.startswith(_GzipWriter.HEADER) or len(tail) < 8:
                 return False
             if struct.unpack("<I", tail[-4:])[0] != record["uncompressed"] & 0xFFFFFFFF:
                 return False
-            first = zlib_ng.decompressobj(31).decompress(head, 6)
+            first = zlib_ng.decompressobj(31).decompress(main, 6)
         elif record["compression"] == "zstd":
-            if not head.startswith(ZSTD_MAGIC):
+            if not main.startswith(ZSTD_MAGIC):
                 return False
-            first = zstd.ZstdDecompressor().decompress(head, max_length=6)
+            first = zstd.ZstdDecompressor().decompress(main, max_length=6)
         else:
             return False
     except (zlib_ng.error, zstd.ZstdError):
@@ -996,7 +1101,8 @@ def main(argv: list[str] | None = None) -> int:
     rp = sub.add_parser("repack", help="rewrite INPUT as one canonical, deduplicated newc archive",
                         description="Rewrite INPUT as one sorted, validated, deduplicated newc archive "
                         "(reproducible: same input, same bytes). Duplicate names: the last one is kept, "
-                        "as the kernel does.")
+                        "as the kernel does. A leading uncompressed early-load archive (only kernel/...) "
+                        "stays a separate uncompressed archive in front, unless --merge-early.")
     rp.add_argument("input", type=Path)
     rp.add_argument("output", type=Path)
     rp.add_argument("-c", "--compression", choices=sorted(COMPRESSIONS), default="gzip")
@@ -1007,6 +1113,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="do not turn identical files into hardlinks")
     rp.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                     help="show bytes in/out while working (default: when stderr is a terminal)")
+    rp.add_argument("--merge-early", action="store_true",
+                    help="merge a leading uncompressed early-load archive (kernel/x86/microcode/..., "
+                    "kernel/firmware/acpi/...) into the compressed one; by default it is written first, "
+                    "uncompressed, where the kernel's early microcode loader and ACPI override look")
     ls = sub.add_parser("list", help="list the entries of INPUT, like cpio -tv (numeric ids, UTC)")
     ls.add_argument("input", type=Path)
     vf = sub.add_parser("verify", help="exit 0 only if INPUT is a complete, well-formed initramfs")
@@ -1017,7 +1127,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "repack":
             repack(args.input, args.output, compression=args.compression, level=args.level,
-                   max_output_bytes=args.max_output_bytes or None, dedup=args.dedup, progress=args.progress)
+                   max_output_bytes=args.max_output_bytes or None, dedup=args.dedup, progress=args.progress,
+                   merge_early=args.merge_early)
         elif args.command == "list":
             return _list(args.input)
         elif args.quick:

@@ -150,6 +150,44 @@ def newc_fields(archive: bytes) -> list[dict[str, int | str]]:
         entries.append(fields)
 
 
+def split_early(data: bytes) -> tuple[bytes, bytes]:
+    """(the uncompressed newc archive at the start of data with its zero padding, the rest): a
+    naive walk of the headers, independent of tasks.cpio."""
+    pos = 0
+    while True:
+        assert data[pos:pos + 6] == b"070701", f"no newc header at {pos}"
+        namesize, filesize = int(data[pos + 94:pos + 102], 16), int(data[pos + 54:pos + 62], 16)
+        name = data[pos + 110:pos + 110 + namesize - 1]
+        pos = (pos + 110 + namesize + 3) & ~3
+        pos = (pos + filesize + 3) & ~3
+        if name == b"TRAILER!!!":
+            rest = data[pos:]
+            pos += len(rest) - len(rest.lstrip(b"\0"))
+            return data[:pos], data[pos:]
+
+
+def early_loader_find(data: bytes, path: str) -> bytes | None:
+    """The data of regular file `path` as the kernel's early loaders find it (lib/earlycpio.c,
+    find_cpio_data): newc/crc headers from byte 0 of the initrd, NUL words skipped, across
+    trailers, until something that is not a newc header (a compressed stream). None if absent."""
+    want = path.encode()
+    pos = 0
+    while len(data) - pos > 110:
+        if data[pos] == 0:
+            pos += 4
+            continue
+        if data[pos:pos + 6] not in (b"070701", b"070702"):
+            return None
+        fields = [int(data[pos + 6 + 8 * i:pos + 14 + 8 * i], 16) for i in range(13)]
+        mode, filesize, namesize = fields[1], fields[6], fields[11]
+        name = data[pos + 110:pos + 110 + namesize - 1]
+        start = (pos + 110 + namesize + 3) & ~3
+        if stat.S_ISREG(mode) and name == want:
+            return data[start:start + filesize]
+        pos = (start + filesize + 3) & ~3
+    return None
+
+
 def repack_bytes(tmp: Path, data: bytes, **options: object) -> tuple[bytes, initramfs.RepackStats]:
     src = tmp / "in.img"
     dst = tmp / "out.img"
@@ -280,16 +318,19 @@ def test_compressed_and_concatenated_inputs(tree: Path, tmp_path: Path, wrap: st
     assert gnu_list(decompress(out)) == gnu_list(original)
 
 
-def test_microcode_cpio_before_compressed_archive(tree: Path, tmp_path: Path) -> None:
+def test_microcode_cpio_before_compressed_archive_merged_on_request(tree: Path, tmp_path: Path) -> None:
     """What LinuxKit writes with kernel.ucode set: an uncompressed cpio, then the gzip initrd
-    (itself holding two archives here, with zero padding between them)."""
+    (itself holding two archives here, with zero padding between them). --merge-early reads all
+    three into the one compressed archive."""
     ucode_tree = tmp_path / "ucode"
     write(ucode_tree / "kernel/x86/microcode/AuthenticAMD.bin", b"\x01" * 1000)
     ucode = gnu_archive(ucode_tree)
     second_tree = tmp_path / "second"
     write(second_tree / "etc/extra.conf", b"extra\n")
     main = gnu_archive(tree) + b"\0" * 512 + gnu_archive(second_tree)
-    out, stats = repack_bytes(tmp_path, ucode + gzip.compress(main), dedup=False)
+    out, stats = repack_bytes(tmp_path, ucode + gzip.compress(main), dedup=False, merge_early=True)
+    assert out[:2] == b"\x1f\x8b" and stats.early_entries == stats.early_bytes == 0
+    assert "--merge-early" in stats.early_note and "merged" in str(stats)
     listing = gnu_list(decompress(out))
     assert any(line.endswith(" kernel/x86/microcode/AuthenticAMD.bin") for line in listing)
     assert any(line.endswith(" etc/extra.conf") for line in listing)
@@ -297,6 +338,152 @@ def test_microcode_cpio_before_compressed_archive(tree: Path, tmp_path: Path) ->
     assert stats.duplicates == 3  # "." is in all three archives, "etc" in two: last wins, no error
     verified = initramfs.verify(tmp_path / "in.img")
     assert verified.archives == 3 and verified.streams == ("cpio", "gzip")
+
+
+INTEL = "kernel/x86/microcode/GenuineIntel.bin"
+AMD = "kernel/x86/microcode/AuthenticAMD.bin"
+
+
+def early_tree(root: Path, *extra: str) -> dict[str, bytes]:
+    """A microcode tree as Debian's initramfs-tools and dracut make it (dummy blobs); returns the blobs."""
+    blobs = {INTEL: hashlib.sha256(b"intel").digest() * 200, AMD: hashlib.sha256(b"amd").digest() * 50}
+    for name in (INTEL, AMD, *extra):
+        write(root / name, blobs.get(name, b"1\n"))
+    return blobs
+
+
+@pytest.mark.parametrize("compression", ["gzip", "zstd"])
+def test_early_microcode_archive_stays_first_and_uncompressed(tree: Path, tmp_path: Path, compression: str) -> None:
+    """An uncompressed microcode cpio (GNU cpio) before a gzip rootfs: the output starts with an
+    uncompressed newc archive of exactly the kernel/ files, the early loader finds them there, and
+    the compressed archive after it holds the rest."""
+    blobs = early_tree(tmp_path / "early")
+    early_in = gnu_archive(tmp_path / "early")
+    data = early_in + gzip.compress(gnu_archive(tree))
+    assert early_loader_find(data, INTEL) == blobs[INTEL]  # the helper reads the input as the kernel does
+    out, stats = repack_bytes(tmp_path, data, compression=compression)
+    assert out[:6] == b"070701"
+    early, main = split_early(out)
+    assert len(early) % 512 == 0 and main[:4] == (b"\x1f\x8b\x08\x00" if compression == "gzip" else
+                                                  b"\x28\xb5\x2f\xfd")
+    assert [e["name"] for e in newc_fields(early)] == [
+        ".", "kernel", "kernel/x86", "kernel/x86/microcode", AMD, INTEL]
+    assert gnu_list(early) == gnu_list(early_in)
+    assert snapshot(gnu_extract(early, tmp_path / "x-early")) == snapshot(tmp_path / "early")
+    assert snapshot(gnu_extract(decompress(main), tmp_path / "x-main")) == snapshot(tree)
+    for name, blob in blobs.items():
+        assert early_loader_find(out, name) == blob
+    assert (stats.early_entries, stats.early_bytes, stats.early_note) == (6, len(early), "")
+    assert stats.entries == 6 + len(gnu_list(gnu_archive(tree))) and stats.bytes_out == len(out)
+    assert "early-load archive first (uncompressed): 6 of the entries" in str(stats)
+
+    dst = tmp_path / "out.img"
+    done = run_cli("verify", dst)
+    assert done.returncode == 0 and f"in 2 archive(s) (cpio+{compression})" in done.stdout, done.stderr
+    assert initramfs.quick_check(dst)
+    listing = run_cli("list", dst)
+    assert listing.returncode == 0 and listing.stdout.count(" kernel/x86/microcode/") == 2
+    again = tmp_path / "again.img"
+    initramfs.repack(dst, again, compression=compression)
+    assert again.read_bytes() == out  # idempotent
+
+    merged = tmp_path / "merged.img"
+    done = run_cli("repack", tmp_path / "in.img", merged, "--merge-early", "-c", compression)
+    assert done.returncode == 0, done.stderr
+    assert "note: the uncompressed first archive is merged" in done.stderr
+    one = merged.read_bytes()
+    if compression == "gzip":  # a single gzip stream: one member, nothing after it
+        d = zlib.decompressobj(31)
+        d.decompress(one)
+        assert one[:2] == b"\x1f\x8b" and d.eof and d.unused_data == b""
+    else:
+        assert one[:4] == b"\x28\xb5\x2f\xfd" and run_cli("verify", merged).stdout.startswith(
+            "ok: ") and "(zstd)" in run_cli("verify", merged).stdout
+    assert early_loader_find(one, INTEL) is None
+    assert sum(line.endswith(("GenuineIntel.bin", "AuthenticAMD.bin")) for line in gnu_list(decompress(one))) == 2
+
+
+def test_early_archives_of_ubuntu_and_dracut(tree: Path, tmp_path: Path) -> None:
+    """Ubuntu puts AMD and Intel microcode in two uncompressed archives in a row; dracut adds its
+    early_cpio marker. Both are early-load content: one uncompressed archive holds them all."""
+    amd_blobs = early_tree(tmp_path / "amd")
+    (tmp_path / "amd" / INTEL).unlink()
+    early_tree(tmp_path / "intel", "early_cpio")
+    (tmp_path / "intel" / AMD).unlink()
+    write(tmp_path / "acpi/kernel/firmware/acpi/ssdt1.aml", b"SSDT" + bytes(60))
+    data = (gnu_archive(tmp_path / "amd") + gnu_archive(tmp_path / "intel") + b"\0" * 512
+            + gnu_archive(tmp_path / "acpi") + sh("zstd -q -c", data=gnu_archive(tree)))
+    out, stats = repack_bytes(tmp_path, data)
+    early, main = split_early(out)
+    names = [e["name"] for e in newc_fields(early)]
+    assert names == [".", "early_cpio", "kernel", "kernel/firmware", "kernel/firmware/acpi",
+                     "kernel/firmware/acpi/ssdt1.aml", "kernel/x86", "kernel/x86/microcode", AMD, INTEL]
+    # ".", "kernel", "kernel/x86", "kernel/x86/microcode" twice, ".", "kernel" thrice: last wins, as in the kernel
+    assert stats.early_entries == len(names) and stats.duplicates == 6
+    assert early_loader_find(out, AMD) == amd_blobs[AMD]
+    assert early_loader_find(out, "kernel/firmware/acpi/ssdt1.aml") == b"SSDT" + bytes(60)
+    assert main[:2] == b"\x1f\x8b"
+    assert snapshot(gnu_extract(decompress(main), tmp_path / "x")) == snapshot(tree)
+
+
+def test_early_archive_keeps_each_files_data(tmp_path: Path) -> None:
+    """No hardlinks in the early archive: the early loader reads the data stored under the name it
+    wants, so identical blobs (dedup) and the input's own hardlinks each keep their data there."""
+    root = tmp_path / "early"
+    blob = os.urandom(4000)
+    write(root / INTEL, blob)
+    write(root / AMD, blob)  # same content and metadata: dedup would link them
+    os.link(root / INTEL, root / "kernel/x86/microcode/GenuineIntel.bin.link")
+    main = tmp_path / "main"
+    write(main / "a", blob)
+    write(main / "b", blob)
+    out, stats = repack_bytes(tmp_path, gnu_archive(root) + gzip.compress(gnu_archive(main)))
+    early, rest = split_early(out)
+    files = [e for e in newc_fields(early) if stat.S_ISREG(int(e["mode"]))]
+    assert [(e["filesize"], e["nlink"]) for e in files] == [(4000, 1)] * 3
+    assert len({e["ino"] for e in files}) == 3
+    assert early_loader_find(out, INTEL) == early_loader_find(out, AMD) == blob
+    assert stats.dedup_files == 1  # the rest is deduplicated as usual
+    assert [e["nlink"] for e in newc_fields(decompress(rest)) if e["name"] in ("a", "b")] == [2, 2]
+
+
+def test_uncompressed_first_archive_with_other_content_is_merged(tree: Path, tmp_path: Path) -> None:
+    """An uncompressed first archive that holds anything outside kernel/ is ordinary content: merged,
+    and the summary says why."""
+    early_tree(tmp_path / "first", "etc/stray.conf")
+    data = gnu_archive(tmp_path / "first") + gzip.compress(gnu_archive(tree))
+    src = tmp_path / "in.img"
+    src.write_bytes(data)
+    done = run_cli("repack", src, tmp_path / "out.img")
+    assert done.returncode == 0, done.stderr
+    out = (tmp_path / "out.img").read_bytes()
+    d = zlib.decompressobj(31)
+    d.decompress(out)
+    assert out[:2] == b"\x1f\x8b" and d.eof and d.unused_data == b""
+    assert "note: the uncompressed first archive is merged into the compressed one: its entry 'etc' " in done.stderr
+    assert "is not under kernel/" in done.stderr.splitlines()[-1]  # the summary says so too
+    names = {e["name"] for e in newc_fields(decompress(out))}
+    assert {INTEL, AMD, "etc/stray.conf", "etc/passwd"} <= names
+    assert initramfs.quick_check(tmp_path / "out.img")
+    # a plain first archive that holds no file under kernel/ is no early archive either
+    (tmp_path / "root-only").mkdir()
+    out, stats = repack_bytes(tmp_path, sh("echo . | cpio -o -H newc --quiet", cwd=tmp_path / "root-only")
+                              + gzip.compress(gnu_archive(tree)))
+    assert out[:2] == b"\x1f\x8b" and stats.early_entries == 0 and "nothing under kernel/" in stats.early_note
+
+
+def test_only_early_content_still_gets_its_early_archive(tmp_path: Path) -> None:
+    """A microcode-only initrd (Arch's intel-ucode.img, given to the boot loader as a separate
+    initrd): the early archive, then an empty compressed archive, so that the early loader still
+    finds it and every output has the same shape."""
+    blobs = early_tree(tmp_path / "early")
+    out, stats = repack_bytes(tmp_path, gnu_archive(tmp_path / "early"))
+    early, main = split_early(out)
+    assert early_loader_find(out, INTEL) == blobs[INTEL] and stats.early_entries == stats.entries == 6
+    assert newc_fields(decompress(main)) == []
+    assert initramfs.quick_check(tmp_path / "out.img")
+    initramfs.repack(tmp_path / "out.img", tmp_path / "again.img")
+    assert (tmp_path / "again.img").read_bytes() == out
 
 
 def test_duplicate_names_keep_the_last_like_the_kernel(tmp_path: Path) -> None:

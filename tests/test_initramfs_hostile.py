@@ -4,6 +4,7 @@ the CLI (exit 1, no traceback), and leaves no output and no temporary file. Plus
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import re
 import subprocess
@@ -225,6 +226,56 @@ def test_quick_check_catches_what_it_promises(made: Path, tmp_path: Path) -> Non
     assert not initramfs.quick_check(half)
     initramfs.check_path(made).unlink()
     assert not initramfs.quick_check(made)
+
+
+def test_quick_check_vouches_for_an_early_archive_first(tmp_path: Path) -> None:
+    """An output that starts with an uncompressed early-load archive: quick_check finds the
+    compressed archive where the record says, and catches changes at the seam that the edge hashes
+    alone would miss (the early archive here is bigger than the 64 KiB they cover)."""
+    early_root, main_root = tmp_path / "early", tmp_path / "main"
+    write(early_root / "kernel/x86/microcode/GenuineIntel.bin", os.urandom(300_000))
+    write(main_root / "data.bin", os.urandom(300_000))
+    src = tmp_path / "in"
+    src.write_bytes(gnu_archive(early_root) + gzip.compress(gnu_archive(main_root)))
+    dst = tmp_path / "initramfs"
+    stats = initramfs.repack(src, dst)
+    assert initramfs.quick_check(dst)
+    record_path = initramfs.check_path(dst)
+    record = json.loads(record_path.read_text())
+    assert record["early"] == stats.early_bytes > 2 * initramfs.EDGE
+    good = dst.read_bytes()
+    before = dst.stat()
+
+    def tampered(at: int) -> bool:
+        bad = bytearray(good)
+        bad[at] ^= 1
+        dst.write_bytes(bad)
+        os.utime(dst, ns=(before.st_atime_ns, before.st_mtime_ns))
+        return initramfs.quick_check(dst)
+
+    assert not tampered(record["early"] + 12)  # the start of the deflate stream
+    assert not tampered(record["early"] - 200)  # the early archive's trailer
+    assert not tampered(record["early"] - 1)  # its zero padding
+    assert tampered(record["early"] + 100_000)  # the middle: only verify reads that (documented)
+    dst.write_bytes(good)
+    os.utime(dst, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert initramfs.quick_check(dst)
+    for early in (record["early"] - 512, record["early"] + 512, 0, 7, "x"):
+        record_path.write_text(json.dumps({**record, "early": early}))
+        assert not initramfs.quick_check(dst), early
+    started = time.perf_counter()
+    record_path.write_text(json.dumps(record))
+    for _ in range(10):
+        assert initramfs.quick_check(dst)
+    assert (time.perf_counter() - started) / 10 < 0.02
+
+
+def test_quick_check_accepts_records_from_before_early_archives(made: Path) -> None:
+    """Records written before the early-load archive existed have no "early" key: still fine."""
+    record = json.loads(initramfs.check_path(made).read_text())
+    assert record.pop("early") == 0 and "main_head_sha256" not in record
+    initramfs.check_path(made).write_text(json.dumps(record))
+    assert initramfs.quick_check(made)
 
 
 def test_quick_check_is_cheap(tmp_path: Path) -> None:
