@@ -27,7 +27,7 @@ from docker.utils import parse_repository_tag
 from hookcommon import http
 from hookcommon.cmdline import DEFAULT_CMDLINE_FILE, KEYS, HookConfig, registry_host
 from hookcommon.log import add_secret, reason, setup_logging
-from hookcommon.retry import Backoff, GaveUp, StepError, Stopping, StopSignal, retry
+from hookcommon.retry import Backoff, GaveUp, StepError, Stopping, StopSignal, add_backoff_options, backoff_from, retry
 
 PROGRAM = "hook-bootkit"
 CONTAINER_NAME = "tink-worker"
@@ -324,10 +324,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
                              "attempt (default: %(default)s)")
     parser.add_argument("--attempts", type=int, default=0, metavar="N",
                         help="attempts per step before giving up; 0 retries for ever (default: %(default)s)")
-    parser.add_argument("--backoff-initial", type=float, default=1.0, metavar="SECONDS",
-                        help="first retry delay, doubled after each failure (default: %(default)s)")
-    parser.add_argument("--backoff-max", type=float, default=30.0, metavar="SECONDS",
-                        help="longest retry delay (default: %(default)s)")
+    add_backoff_options(parser)
     parser.add_argument("--metadata-attempts", type=int, default=5, metavar="N",
                         help="2021 mode: metadata queries before going on without container_uuid "
                              "(default: %(default)s)")
@@ -347,7 +344,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         caps = tuple(c.strip().upper() for c in args.test_only_capabilities.split(",") if c.strip())
     return Options(
         cmdline_file=args.cmdline_file, docker_host=args.docker_host, docker_timeout=args.docker_timeout,
-        attempts=args.attempts, backoff=Backoff(initial=args.backoff_initial, maximum=args.backoff_max),
+        attempts=args.attempts, backoff=backoff_from(args, parser),
         metadata_attempts=args.metadata_attempts, running_check=args.running_check,
         test_only_capabilities=caps,
     )

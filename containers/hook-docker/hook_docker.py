@@ -33,7 +33,7 @@ import requests
 from hookcommon import http
 from hookcommon.cmdline import DEFAULT_CMDLINE_FILE, KEYS, HookConfig, registry_host, syslog_address
 from hookcommon.log import add_secret, reason, setup_logging
-from hookcommon.retry import Backoff, StepError, Stopping, StopSignal, retry
+from hookcommon.retry import Backoff, StepError, Stopping, StopSignal, add_backoff_options, backoff_from, retry
 
 PROGRAM = "hook-docker"
 EXIT_CONFIG = 2
@@ -383,22 +383,19 @@ def parse_args(argv: Sequence[str] | None) -> Options:
                         help="how often to look for the reboot request (default: %(default)s)")
     parser.add_argument("--stop-timeout", type=float, default=20.0, metavar="SECONDS",
                         help="how long dockerd may take to stop before it is killed (default: %(default)s)")
-    parser.add_argument("--backoff-initial", type=float, default=1.0, metavar="SECONDS",
-                        help="first retry delay, doubled after each failure (default: %(default)s)")
-    parser.add_argument("--backoff-max", type=float, default=30.0, metavar="SECONDS",
-                        help="longest retry delay (default: %(default)s)")
+    add_backoff_options(parser)
     parser.add_argument("dockerd_args", nargs="*", metavar="DOCKERD_ARG", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     reboot_command = tuple(shlex.split(args.reboot_command))
     if not reboot_command:
         parser.error("--reboot-command must not be empty")
-    if args.backoff_initial < 0 or args.backoff_max < args.backoff_initial or args.reboot_poll <= 0:
-        parser.error("0 <= --backoff-initial <= --backoff-max and --reboot-poll > 0 are required")
+    if args.reboot_poll <= 0:
+        parser.error("--reboot-poll must be > 0")
     return Options(
         cmdline_file=args.cmdline_file, config_dir=args.config_dir, certs_dir=args.certs_dir,
         worker_dir=args.worker_dir, dockerd=args.dockerd, dockerd_args=tuple(args.dockerd_args),
         reboot_command=reboot_command, reboot_poll=args.reboot_poll, stop_timeout=args.stop_timeout,
-        backoff=Backoff(initial=args.backoff_initial, maximum=args.backoff_max),
+        backoff=backoff_from(args, parser),
     )
 
 

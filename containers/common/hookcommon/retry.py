@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import random
 import signal
@@ -124,3 +125,18 @@ def retry(
         delay = next(delays)
         log.log(level, "%s failed (attempt %d%s): %s; retrying in %.1fs", what, attempt, of, why, delay)
         stop.sleep(delay)
+
+
+def add_backoff_options(parser: argparse.ArgumentParser) -> None:
+    """The retry-delay options both programs take."""
+    parser.add_argument("--backoff-initial", type=float, default=1.0, metavar="SECONDS",
+                        help="first retry delay, doubled after each failure (default: %(default)s)")
+    parser.add_argument("--backoff-max", type=float, default=30.0, metavar="SECONDS",
+                        help="longest retry delay (default: %(default)s)")
+
+
+def backoff_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Backoff:
+    """The Backoff the options ask for; a usage error when they make no sense."""
+    if args.backoff_initial < 0 or args.backoff_max < args.backoff_initial:
+        parser.error("0 <= --backoff-initial <= --backoff-max is required")
+    return Backoff(initial=args.backoff_initial, maximum=args.backoff_max)
