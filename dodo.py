@@ -44,6 +44,9 @@ except HookError as exc:
 
 RELEASE, DEV, DEBUG = (pipeline.BUILDS[name] for name in ("release", "dev", "debug"))
 LOCAL_ARCHES = tuple(dict.fromkeys(DEV.arches(S) + DEBUG.arches(S)))
+# Our code that shapes an output is an input of it: a fixed convert engine re-makes the initramfs.
+OS_CODE = [S.root / "tasks" / name for name in ("linuxkit.py", "initramfs.py", "cpio.py")]
+PACKAGE_CODE = [S.root / "tasks" / "package.py"]
 
 
 def _relative(paths: list) -> list[str]:
@@ -106,7 +109,7 @@ def task_linuxkit():
                 settings_used["ssh_keys"] = list(S.ssh_keys)
             yield {
                 "name": f"{build.name}-{arch}",
-                "file_dep": _relative(templates + pipeline.image_inputs(S, PLANS, build, arch)),
+                "file_dep": _relative(templates + pipeline.image_inputs(S, PLANS, build, arch) + OS_CODE),
                 "targets": _relative(outputs),
                 "uptodate": [config_changed(settings_used)],
                 "actions": [action(pipeline.make_os, S, build, arch, PLANS)],
@@ -131,7 +134,7 @@ def task_package():
         inputs = [f for arch in build.arches(S) for f in pipeline.boot_files(S, build, arch)]
         yield {
             "name": build.name,
-            "file_dep": _relative(inputs),
+            "file_dep": _relative(inputs + PACKAGE_CODE),
             "targets": _relative(pipeline.package_targets(S, build)),
             "uptodate": [config_changed({"version": S.version, "mtime": S.source_date_epoch})],
             "actions": [action(pipeline.package_build, S, build)],

@@ -86,6 +86,10 @@ def test_one_file_change_rebuilds_only_what_it_touches(built: Project, tmp_path:
     assert sorted(config_change.executed) == sorted([f"linuxkit:dev-{ARCH}", "package:dev"])
     assert project.doit("dev_dist").executed == []
 
+    # Our own code is an input too: a change to the convert engine re-makes the OS, not the images.
+    project.edit("tasks/initramfs.py", "\n# a comment in the convert engine\n")
+    assert project.doit("dev_dist").executed == [f"linuxkit:dev-{ARCH}"]
+
     # A comment changes the config file but not the OS: linuxkit runs, its output is the same bytes,
     # so packaging (whose inputs are those bytes) has nothing to do.
     project.edit("linuxkit/hook.yaml", "# a comment in the OS config\n")
