@@ -6,7 +6,6 @@ import functools
 import hashlib
 import json
 import os
-import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,7 @@ from tasks.arch import Arch
 from tasks.config import Settings
 from tasks.errors import HookError
 from tasks.files import atomic_write_text
-from tasks.run import log_step, record_time
+from tasks.run import log_step, timed
 
 CONTAINERS = "containers"
 COMMON = "common"
@@ -99,29 +98,31 @@ def _docker() -> Any:
     from python_on_whales.exceptions import DockerException
 
     client = DockerClient()
-    started = time.monotonic()
-    try:
-        client.version()
-    except DockerException as exc:
-        raise HookError(f"docker daemon not reachable ({_last_line(exc)}): start dockerd, check DOCKER_HOST") from None
-    except FileNotFoundError:
-        raise HookError("docker not found: install Docker (Debian: apt-get install docker.io)") from None
-    try:
-        client.buildx.version()
-    except DockerException:
-        raise HookError("docker buildx not installed: install it (Debian trixie: docker-buildx)") from None
-    record_time("docker version", time.monotonic() - started)
+    with timed("docker version"):
+        try:
+            client.version()
+        except DockerException as exc:
+            raise HookError(
+                f"docker daemon not reachable ({_last_line(exc)}): start dockerd, check DOCKER_HOST"
+            ) from None
+        except FileNotFoundError:
+            raise HookError("docker not found: install Docker (Debian: apt-get install docker.io)") from None
+        try:
+            client.buildx.version()
+        except DockerException:
+            raise HookError("docker buildx not installed: install it (Debian trixie: docker-buildx)") from None
     return client
 
 
-def _check_builder(name: str | None) -> None:
-    """A named buildx builder must exist: said when an image task starts, not when a build fails on it."""
-    if name:
-        _builder_exists(name)
+def _client(settings: Settings) -> Any:
+    """The checked docker client; a named buildx builder must exist (said before any build fails on it)."""
+    if settings.builder:
+        _check_builder(settings.builder)
+    return _docker()
 
 
 @functools.cache
-def _builder_exists(name: str) -> None:
+def _check_builder(name: str) -> None:
     from python_on_whales.exceptions import DockerException
 
     try:
@@ -163,32 +164,32 @@ def _stream(lines: Iterator[str]) -> None:
 def _buildx(spec: ImageSpec, settings: Settings, arch: Arch, ref: str, *, push: bool) -> None:
     from python_on_whales.exceptions import DockerException
 
-    client = _docker()
+    client = _client(settings)
     secrets = [f"id=ca,src={settings.build_ca}"] if settings.build_ca else []
     log_step(f"building {ref} for {arch.docker_platform} ({'push' if push else 'load'})")
-    started = time.monotonic()
-    try:
-        _stream(
-            client.buildx.build(
-                settings.root / CONTAINERS,
-                file=spec.dockerfile(settings.root),
-                platforms=[arch.docker_platform],
-                tags=[ref],
-                build_args=build_args(spec, settings, arch),
-                builder=settings.builder,
-                load=not push,
-                push=push,
-                secrets=secrets,
-                progress="plain",
-                stream_logs=True,
+    with timed("docker buildx build"):
+        try:
+            _stream(
+                client.buildx.build(
+                    settings.root / CONTAINERS,
+                    file=spec.dockerfile(settings.root),
+                    platforms=[arch.docker_platform],
+                    tags=[ref],
+                    build_args=build_args(spec, settings, arch),
+                    builder=settings.builder,
+                    load=not push,
+                    push=push,
+                    secrets=secrets,
+                    progress="plain",
+                    stream_logs=True,
+                )
             )
-        )
-    except DockerException as exc:
-        msg = _last_line(exc)
-        fix = _docker_fix(msg, _registry_of(ref))
-        raise HookError(f"docker buildx build of {ref} failed (exit {exc.return_code}): {msg}; try: {fix}") from None
-    finally:
-        record_time("docker buildx build", time.monotonic() - started)
+        except DockerException as exc:
+            msg = _last_line(exc)
+            fix = _docker_fix(msg, _registry_of(ref))
+            raise HookError(
+                f"docker buildx build of {ref} failed (exit {exc.return_code}): {msg}; try: {fix}"
+            ) from None
 
 
 def _remote_manifest(ref: str) -> Any | None:
@@ -207,19 +208,16 @@ def _record(path: Path, data: dict[str, Any]) -> None:
 
 def load_image(spec: ImageSpec, settings: Settings, arch: Arch, tag: str, record: Path) -> None:
     """Build one arch into the local engine (unless that tag is there already) and record it."""
-    _check_builder(settings.builder)
-    client = _docker()
+    client = _client(settings)
     ref = image_ref(settings, spec, tag, arch)
-    started = time.monotonic()
-    exists = client.image.exists(ref)
-    record_time("docker image inspect", time.monotonic() - started)
+    with timed("docker image inspect"):
+        exists = client.image.exists(ref)
     if exists:
         log_step(f"{ref} is in the local engine already: not rebuilt")
     else:
         _buildx(spec, settings, arch, ref, push=False)
-    started = time.monotonic()
-    image = client.image.inspect(ref)
-    record_time("docker image inspect", time.monotonic() - started)
+    with timed("docker image inspect"):
+        image = client.image.inspect(ref)
     if image.architecture != arch.docker:
         raise HookError(
             f"{ref} is {image.architecture}, not {arch.docker}: remove it (docker rmi {ref}) and build again"
@@ -229,7 +227,7 @@ def load_image(spec: ImageSpec, settings: Settings, arch: Arch, tag: str, record
 
 def push_image(spec: ImageSpec, settings: Settings, arch: Arch, tag: str, record: Path) -> None:
     """Build and push one arch (unless the registry has that tag already) and record what is there."""
-    _check_builder(settings.builder)
+    _client(settings)
     ref = image_ref(settings, spec, tag, arch)
     if _remote_manifest(ref) is not None:
         log_step(f"{ref} is in the registry already: not rebuilt or pushed")
@@ -244,9 +242,9 @@ def push_image(spec: ImageSpec, settings: Settings, arch: Arch, tag: str, record
 
 def create_index(spec: ImageSpec, settings: Settings, arches: Iterable[Arch], tag: str, record: Path) -> None:
     """Join the pushed per-arch tags into the multi-arch index <org>/<image>:<hash>."""
-    _check_builder(settings.builder)
     from python_on_whales.exceptions import DockerException
 
+    client = _client(settings)
     arches = tuple(arches)
     ref = image_ref(settings, spec, tag)
     sources = [image_ref(settings, spec, tag, a) for a in arches]
@@ -257,7 +255,7 @@ def create_index(spec: ImageSpec, settings: Settings, arches: Iterable[Arch], ta
     else:
         log_step(f"creating index {ref} from {', '.join(sources)}")
         try:
-            _docker().buildx.imagetools.create(sources, tags=[ref], builder=settings.builder)
+            client.buildx.imagetools.create(sources, tags=[ref], builder=settings.builder)
         except DockerException as exc:
             msg = _last_line(exc)
             fix = _docker_fix(msg, _registry_of(ref))

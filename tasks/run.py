@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import shlex
@@ -10,7 +11,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from tasks.errors import HookError
@@ -36,15 +37,20 @@ def mask(text: str, secrets: Iterable[str]) -> str:
     return text
 
 
-def record_time(tool: str, seconds: float) -> None:
+@contextlib.contextmanager
+def timed(tool: str) -> Iterator[None]:
     """Append how long an external tool took to $HOOK_TIMINGS (a JSON-lines file), when set.
 
     bench/bench_incremental.py uses it to tell our own overhead from docker's and linuxkit's.
     """
-    path = os.environ.get("HOOK_TIMINGS")
-    if path:
-        with open(path, "a") as handle:
-            handle.write(json.dumps({"tool": tool, "seconds": round(seconds, 4)}) + "\n")
+    started = time.monotonic()
+    try:
+        yield
+    finally:
+        path = os.environ.get("HOOK_TIMINGS")
+        if path:
+            with open(path, "a") as handle:
+                handle.write(json.dumps({"tool": tool, "seconds": round(time.monotonic() - started, 4)}) + "\n")
 
 
 def log_step(message: str) -> None:
@@ -102,14 +108,14 @@ def run(
         hint = INSTALL_HINTS.get(name, "check that it is executable")
         raise HookError(f"{name} could not start: {exc.strerror}; {hint}") from None
     assert proc.stdout is not None
-    for raw in proc.stdout:
-        line = mask(raw.rstrip("\n"), secrets)
-        lines.append(line)
-        tail.append(line)
-        if not quiet:
-            print(f"  {line}", file=sys.stderr, flush=True)
-    rc = proc.wait()
-    record_time(name, time.monotonic() - started)
+    with timed(name):
+        for raw in proc.stdout:
+            line = mask(raw.rstrip("\n"), secrets)
+            lines.append(line)
+            tail.append(line)
+            if not quiet:
+                print(f"  {line}", file=sys.stderr, flush=True)
+        rc = proc.wait()
     if rc != 0:
         last = " | ".join(x.strip() for x in tail if x.strip()) or "no output"
         hint = f"; try: {fix}" if fix else ""
