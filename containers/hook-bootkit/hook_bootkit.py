@@ -25,8 +25,8 @@ import requests
 from docker.auth import resolve_repository_name
 from docker.utils import parse_repository_tag
 from hookcommon import http
-from hookcommon.cmdline import DEFAULT_CMDLINE_FILE, KEYS, HookConfig, registry_host
-from hookcommon.log import add_secret, reason, setup_logging
+from hookcommon.cmdline import DEFAULT_CMDLINE_FILE, KEYS, HookConfig, load_config, registry_host
+from hookcommon.log import reason, setup_logging
 from hookcommon.retry import Backoff, GaveUp, StepError, Stopping, StopSignal, add_backoff_options, backoff_from, retry
 
 PROGRAM = "hook-bootkit"
@@ -354,15 +354,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     stop = StopSignal(raise_in_main=True)
     stop.install()
     try:
-        try:
-            cfg = HookConfig.from_file(options.cmdline_file)
-        except OSError as exc:
-            log.error("cannot read the kernel command line %s: %s", options.cmdline_file,
-                      exc.strerror or reason(exc))
+        cfg = load_config(options.cmdline_file, log)
+        if cfg is None:
             return EXIT_CONFIG
-        for secret in cfg.secrets:
-            add_secret(secret)
-        log.info("starting (kernel command line from %s)", options.cmdline_file)
         if options.test_only_capabilities is not None:
             log.warning("TEST ONLY: tink-worker runs unprivileged with capabilities [%s]",
                         ",".join(options.test_only_capabilities))

@@ -31,8 +31,8 @@ from typing import Any
 
 import requests
 from hookcommon import http
-from hookcommon.cmdline import DEFAULT_CMDLINE_FILE, KEYS, HookConfig, registry_host, syslog_address
-from hookcommon.log import add_secret, reason, setup_logging
+from hookcommon.cmdline import DEFAULT_CMDLINE_FILE, KEYS, HookConfig, load_config, registry_host, syslog_address
+from hookcommon.log import reason, setup_logging
 from hookcommon.retry import Backoff, StepError, Stopping, StopSignal, add_backoff_options, backoff_from, retry
 
 PROGRAM = "hook-docker"
@@ -404,15 +404,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(PROGRAM)
     stop = StopSignal(raise_in_main=False)
     stop.install((signal.SIGTERM, signal.SIGINT))
-    try:
-        cfg = HookConfig.from_file(options.cmdline_file)
-    except OSError as exc:
-        log.error("cannot read the kernel command line %s: %s", options.cmdline_file,
-                  exc.strerror or reason(exc))
+    cfg = load_config(options.cmdline_file, log)
+    if cfg is None:
         return EXIT_CONFIG
-    for secret in cfg.secrets:
-        add_secret(secret)
-    log.info("starting (kernel command line from %s)", options.cmdline_file)
     hook_docker = HookDocker(options, cfg, stop)
     signal.signal(signal.SIGHUP, lambda signum, frame: hook_docker.forward(signum))
     with contextlib.suppress(Stopping):

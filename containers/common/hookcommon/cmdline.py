@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import ipaddress
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from hookcommon.log import add_secret, reason
 
 DEFAULT_CMDLINE_FILE = Path("/proc/cmdline")
 
@@ -180,3 +183,16 @@ def syslog_address(host: str) -> str:
     if ip.version == 6:
         return f"udp://[{ip}]:514"
     return f"udp://{ip}:514"
+
+
+def load_config(path: Path, log: logging.Logger) -> HookConfig | None:
+    """Both programs' start: read the cmdline, mask its secrets from now on, say so; None (logged) if unreadable."""
+    try:
+        cfg = HookConfig.from_file(path)
+    except OSError as exc:
+        log.error("cannot read the kernel command line %s: %s", path, exc.strerror or reason(exc))
+        return None
+    for secret in cfg.secrets:
+        add_secret(secret)
+    log.info("starting (kernel command line from %s)", path)
+    return cfg
