@@ -25,6 +25,11 @@ class Arch(enum.Enum):
         return f"linux/{self.docker}"
 
     @property
+    def serial_console(self) -> str:
+        """The kernel's name of the first serial port: ttyS0 (x86_64), ttyAMA0 (aarch64's PL011)."""
+        return {Arch.X86_64: "ttyS0", Arch.AARCH64: "ttyAMA0"}[self]
+
+    @property
     def qemu_binary(self) -> str:
         return f"qemu-system-{self.value}"
 

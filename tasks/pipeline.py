@@ -137,8 +137,9 @@ def image_inputs(settings: Settings, plans: dict[str, ImagePlan], build: Build, 
 # --- the OS: render, linuxkit build, convert ------------------------------------------------------
 
 
-def render_values(settings: Settings, refs: dict[str, str]) -> dict[str, str]:
+def render_values(settings: Settings, refs: dict[str, str], arch: Arch) -> dict[str, str]:
     return {
+        "serial": arch.serial_console,
         "kernel": settings.kernel,
         "pkg_org": settings.pkg_org,
         "hook_docker": refs["hook-docker"],
@@ -149,7 +150,7 @@ def render_values(settings: Settings, refs: dict[str, str]) -> dict[str, str]:
 def render_configs(settings: Settings, build: Build, arch: Arch, refs: dict[str, str]) -> list[Path]:
     """Render and validate the build's configs into out/linuxkit/<build>/<arch>/."""
     folder = linuxkit_dir(settings, build, arch)
-    values = render_values(settings, refs)
+    values = render_values(settings, refs, arch)
     rendered = []
     for name in build.templates:
         template = settings.root / "linuxkit" / name

@@ -32,7 +32,7 @@ DEFAULT_CMDLINE = "console=ttyS0 panic=-1"
 ACCELS = ("auto", "tcg", "kvm")
 TAIL_LINES = 12
 #: The serial console device the kernel must be told about, per arch.
-CONSOLE = {Arch.X86_64: "ttyS0", Arch.AARCH64: "ttyAMA0"}
+CONSOLE = {arch: arch.serial_console for arch in Arch}
 KVM_DEVICE = Path("/dev/kvm")
 KVM_PVM_MODULE = Path("/sys/module/kvm_pvm")
 

@@ -125,7 +125,7 @@ def linuxkit_package_refs(pkg_org: str, kernel: str) -> list[str]:
     sys.path.insert(0, str(ROOT))
     from tasks import linuxkit
 
-    values = {"kernel": kernel, "pkg_org": pkg_org, "hook_docker": "x/hook-docker:x",
+    values = {"serial": "ttyS0", "kernel": kernel, "pkg_org": pkg_org, "hook_docker": "x/hook-docker:x",
               "hook_bootkit": "x/hook-bootkit:x"}
     refs: list[str] = []
     for name in ("hook.yaml", "debug.yaml"):

@@ -10,7 +10,7 @@ from tasks import linuxkit
 from tasks.errors import HookError
 
 ROOT = Path(__file__).resolve().parent.parent
-VALUES = {"kernel": "linuxkit/kernel:6.6.71", "pkg_org": "linuxkit",
+VALUES = {"serial": "ttyS0", "kernel": "linuxkit/kernel:6.6.71", "pkg_org": "linuxkit",
           "hook_docker": "quay.io/tinkerbell/hook-docker:abc", "hook_bootkit": "quay.io/tinkerbell/hook-bootkit:abc"}
 
 
@@ -32,9 +32,12 @@ def test_hook_yaml_runs_our_images_with_what_they_need() -> None:
     assert (docker["net"], docker["pid"], docker["capabilities"]) == ("host", "host", ["all"])
     assert any(m["type"] == "cgroup" and "rw" in m["options"] for m in docker["mounts"])
     for bind in ("/dev:/dev", "/lib/modules:/lib/modules", "/etc/resolv.conf:/etc/resolv.conf",
-                 "/var/run/docker:/var/run", "/var/lib/docker:/var/lib/docker", "/var/run/worker:/worker",
-                 "/etc/docker:/etc/docker"):
+                 "/var/run/docker:/var/run", "/var/lib/docker:/var/lib/docker", "/var/run/worker:/worker"):
         assert bind in docker["binds"]
+    # LinuxKit's root is read-only: /etc/docker (daemon.json, certs.d) lives in hook-docker's own
+    # writable rootfs, never a bind or a runtime.mkdir of the host's /etc.
+    assert not any(b.split(":")[0].startswith("/etc/docker") for b in docker["binds"])
+    assert not any(d.startswith("/etc") for d in docker["runtime"]["mkdir"])
     assert bootkit["net"] == "host"
     assert bootkit["binds"] == ["/var/run/docker:/var/run"]  # the same socket folder, nothing more
     assert "capabilities" not in bootkit
