@@ -15,6 +15,7 @@ from pathlib import Path
 
 from tasks.arch import Arch
 from tasks.errors import HookError
+from tasks.tools import DEFAULT_LINUXKIT_URL, default_cache_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,7 +46,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("source_date_epoch", "", "mtime of tarball entries (default: SOURCE_DATE_EPOCH, else the last commit)"),
     Setting("kernel", "linuxkit/kernel:6.6.71", "kernel image for hook.yaml"),
     Setting("pkg_org", "linuxkit", "where the LinuxKit packages (init, runc, containerd, ...) are pulled from"),
-    Setting("linuxkit", "linuxkit", "linuxkit binary (v1.8.2 CLI): a name on PATH or a path"),
+    Setting("linuxkit", "linuxkit", "linuxkit v1.8.2: a path, or a name on PATH; not found: hook downloads it"),
+    Setting("linuxkit_url", "", "where hook downloads linuxkit-linux-<arch> from (default: LinuxKit's v1.8.2 release)"),
+    Setting("linuxkit_sha256", "", "the sha256 the downloaded linuxkit must have (upstream publishes none)"),
+    Setting("linuxkit_src", "", "build linuxkit v1.8.2 from this source tarball or folder with Go instead"),
+    Setting("cache_dir", "", "per-user cache shared by checkouts: linuxkit, Go's build cache (default ~/.cache/hook)"),
     Setting("builder", "", "buildx builder (docker buildx ls); empty: the current one"),
     Setting("ssh_keys", "~/.ssh/id_*.pub", "debug_image: comma list of public key files or globs"),
     Setting("compression", "gzip", "initramfs compression: gzip or zstd"),
@@ -69,6 +74,10 @@ class Settings:
     kernel: str
     pkg_org: str
     linuxkit: str
+    linuxkit_url: str
+    linuxkit_sha256: str
+    linuxkit_src: str
+    cache_dir: Path
     builder: str | None
     ssh_keys: tuple[str, ...]
     compression: str
@@ -172,6 +181,15 @@ def load_settings(
     except ValueError:
         raise HookError(f"setting source_date_epoch={epoch_text!r} is not a non-negative integer") from None
 
+    sha256 = get("linuxkit_sha256").lower()
+    if sha256 and not re.fullmatch(r"[0-9a-f]{64}", sha256):
+        raise HookError(f"setting linuxkit_sha256={sha256!r} is not 64 hex digits (sha256sum prints them)")
+    linuxkit_src = get("linuxkit_src")
+    if linuxkit_src and not Path(linuxkit_src).expanduser().exists():
+        raise HookError(f"setting linuxkit_src={linuxkit_src!r}: no such tarball or folder")
+    cache_text = get("cache_dir")
+    cache_dir = Path(cache_text).expanduser() if cache_text else default_cache_dir()
+
     build_ca_text = get("build_ca")
     build_ca = Path(build_ca_text).expanduser() if build_ca_text else None
     if build_ca and not build_ca.is_file():
@@ -190,6 +208,10 @@ def load_settings(
         kernel=_check("kernel", get("kernel"), _REF, "an image reference such as linuxkit/kernel:6.6.71"),
         pkg_org=_check("pkg_org", get("pkg_org"), _ORG, "a registry/org such as linuxkit"),
         linuxkit=get("linuxkit") or "linuxkit",
+        linuxkit_url=get("linuxkit_url") or DEFAULT_LINUXKIT_URL,
+        linuxkit_sha256=sha256,
+        linuxkit_src=str(Path(linuxkit_src).expanduser()) if linuxkit_src else "",
+        cache_dir=cache_dir,
         builder=get("builder") or None,
         ssh_keys=tuple(k.strip() for k in get("ssh_keys").split(",") if k.strip()),
         compression=compression,
