@@ -13,12 +13,12 @@ from doit.exceptions import TaskFailed
 from doit.task import clean_targets
 from doit.tools import config_changed
 
-from tasks import pipeline
+from tasks import images, pipeline
 from tasks.arch import Arch
+from tasks.bases import BaseResolver
 from tasks.config import SETTINGS, load_settings
-from tasks.doit_support import HookReporter, action
+from tasks.doit_support import HookReporter, action, interrupt_on_sigterm, lazy_config_changed
 from tasks.errors import HookError
-from tasks.images import create_index, load_image, push_image
 
 DOIT_CONFIG = {
     "default_tasks": ["dev_dist"],
@@ -36,11 +36,13 @@ def _cmdline_vars() -> dict[str, str]:
 
 
 os.makedirs(os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"), exist_ok=True)  # doit's state lives here
+interrupt_on_sigterm()  # SIGTERM stops a running linuxkit or buildx too, and leaves nothing half-made
 try:
     S = load_settings(get_var, given=_cmdline_vars())
     PLANS = pipeline.plan_images(S)
 except HookError as exc:
     sys.exit(f"hook: {exc}")
+BASES = BaseResolver.load(pipeline.bases_record(S))
 
 RELEASE, DEV, DEBUG = (pipeline.BUILDS[name] for name in ("release", "dev", "debug"))
 LOCAL_ARCHES = tuple(dict.fromkeys(DEV.arches(S) + DEBUG.arches(S)))
@@ -60,8 +62,11 @@ def _image_task(plan: pipeline.ImagePlan, arch: Arch, *, local: bool) -> dict:
         "name": f"{plan.spec.name}-{arch}",
         "file_dep": _relative(plan.files),
         "targets": _relative([record]),
-        "uptodate": [config_changed({"tag": plan.tag, "org": S.org})],
-        "actions": [action(load_image if local else push_image, plan.spec, S, arch, plan.tag, record)],
+        # The tag is made when the task runs (files, build args, base identities); this asks
+        # whether any of those changed without a network lookup.
+        "uptodate": [lambda: images.is_current(plan.spec, S, arch, record, BASES)],
+        "actions": [action(images.load_image if local else images.push_image, plan.spec, S, arch, plan.files,
+                           record, BASES)],
         "clean": True,
     }
 
@@ -85,12 +90,13 @@ def task_image_index():
     arches = RELEASE.arches(S)
     for plan in PLANS.values():
         record = pipeline.image_record(S, plan.spec, None, local=False)
+        sources = {a: pipeline.image_record(S, plan.spec, a, local=False) for a in arches}
         yield {
             "name": plan.spec.name,
-            "file_dep": _relative([pipeline.image_record(S, plan.spec, a, local=False) for a in arches]),
+            "file_dep": _relative(list(sources.values())),
             "targets": _relative([record]),
-            "uptodate": [config_changed({"tag": plan.tag, "org": S.org, "arches": [a.value for a in arches]})],
-            "actions": [action(create_index, plan.spec, S, arches, plan.tag, record)],
+            "uptodate": [config_changed({"org": S.org, "arches": [a.value for a in arches]})],
+            "actions": [action(images.create_index, plan.spec, S, sources, record)],
             "clean": True,
         }
 
@@ -100,18 +106,15 @@ def task_linuxkit():
     for build in (RELEASE, DEV, DEBUG):
         for arch in build.arches(S):
             templates = [S.root / "linuxkit" / t for t in build.templates]
-            refs = pipeline.image_refs(S, PLANS, build, arch)
+            records = list(pipeline.image_records(S, PLANS, build, arch).values())
             outputs = [*pipeline.rendered_files(S, build, arch), *pipeline.linuxkit_outputs(S, build, arch).values(),
                        *pipeline.boot_files(S, build, arch)]
-            settings_used = {"refs": refs, "kernel": S.kernel, "pkg_org": S.pkg_org, "linuxkit": S.linuxkit,
-                             "compression": S.compression}
-            if build.flavour == "debug":
-                settings_used["ssh_keys"] = list(S.ssh_keys)
             yield {
                 "name": f"{build.name}-{arch}",
-                "file_dep": _relative(templates + pipeline.image_inputs(S, PLANS, build, arch) + OS_CODE),
+                "file_dep": _relative(templates + records + OS_CODE),
+                # settings, and for local builds the identity of each LinuxKit package in the engine
+                "uptodate": [lazy_config_changed(lambda build=build, arch=arch: pipeline.os_inputs(S, build, arch))],
                 "targets": _relative(outputs),
-                "uptodate": [config_changed(settings_used)],
                 "actions": [action(pipeline.make_os, S, build, arch, PLANS)],
                 "clean": [clean_targets, (pipeline.clean_converted, (S, build, arch))],
             }
@@ -187,6 +190,15 @@ def task_boot():
     }
 
 
+def task_bases():
+    """Look up the registry base images again (network): an image whose base moved is rebuilt next time."""
+
+    def refresh() -> None:
+        pipeline.refresh_bases(S, PLANS, BASES)
+
+    return {"actions": [action(refresh)], "uptodate": [False], "verbosity": 2}
+
+
 def task_settings():
     """Show every setting: its value now, its HOOK_* variable and what it does."""
 
@@ -199,6 +211,7 @@ def task_settings():
                 value = ",".join(value)
             elif isinstance(value, dict):
                 value = ",".join(f"{k}={v}" for k, v in value.items())
+            value = str(value) if value is not None else ""
             print(f"{setting.name:18} = {value or '':30} {setting.env:24} {setting.doc}")
 
     return {"actions": [show], "uptodate": [False], "verbosity": 2}

@@ -11,10 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tasks import engine
 from tasks.arch import Arch
+from tasks.bases import BaseResolver, dockerfile_bases, pin, resolve_args
 from tasks.config import Settings
 from tasks.errors import HookError
 from tasks.files import atomic_write_text
+from tasks.linuxkit import registry_of
 from tasks.run import log_step, timed
 
 CONTAINERS = "containers"
@@ -69,8 +72,9 @@ def build_args(spec: ImageSpec, settings: Settings, arch: Arch) -> dict[str, str
     return {k: v.replace("{arch}", arch.docker) for k, v in args.items()}
 
 
-def content_hash(spec: ImageSpec, root: Path, files: Iterable[Path], args_by_arch: dict[str, dict[str, str]]) -> str:
-    """A tag that changes when anything that goes into the image changes (files, exec bits, build args)."""
+def content_hash(spec: ImageSpec, root: Path, files: Iterable[Path], inputs: dict[str, Any]) -> str:
+    """A tag that changes when anything that goes into the image changes: its files (path, exec bit,
+    bytes), its build args and the identity of its base images (tasks.bases)."""
     digest = hashlib.sha256()
     base = root / CONTAINERS
     for path in files:
@@ -78,8 +82,62 @@ def content_hash(spec: ImageSpec, root: Path, files: Iterable[Path], args_by_arc
         mode = "x" if os.access(path, os.X_OK) else "-"
         digest.update(f"{rel}\0{mode}\0".encode())
         digest.update(hashlib.sha256(path.read_bytes()).digest())
-    digest.update(json.dumps(args_by_arch, sort_keys=True).encode())
+    digest.update(json.dumps(inputs, sort_keys=True).encode())
     return digest.hexdigest()[:24]
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """One image for one arch as it would be built now: its build args (registry bases pinned to a
+    digest) and the identity of each base (tasks.bases)."""
+
+    args: dict[str, str]
+    bases: dict[str, str]
+
+    def tag(self, spec: ImageSpec, root: Path, files: Iterable[Path]) -> str:
+        return content_hash(spec, root, files, {"args": self.args, "bases": self.bases})
+
+
+def resolve(spec: ImageSpec, settings: Settings, arch: Arch, resolver: BaseResolver) -> Resolved:
+    bases = dockerfile_bases(spec.dockerfile(settings.root).read_text())
+    args, identities = resolve_args(build_args(spec, settings, arch), bases, resolver)
+    return Resolved(args, identities)
+
+
+def known(spec: ImageSpec, settings: Settings, arch: Arch, resolver: BaseResolver) -> Resolved | None:
+    """What `resolve` would give, from what is known without the network (pinned, recorded, or in
+    the local engine); None when a base would need a registry lookup."""
+    bases = dockerfile_bases(spec.dockerfile(settings.root).read_text())
+    args = build_args(spec, settings, arch)
+    identities: dict[str, str] = {}
+    for name, default in bases.items():
+        ref = default if name.startswith("FROM ") else args.get(name, default)
+        if not ref:
+            continue
+        if "@sha256:" in ref:
+            identities[ref] = ref.split("@", 1)[1]
+        elif ref in resolver.recorded:
+            identities[ref] = resolver.recorded[ref]
+            if not name.startswith("FROM "):
+                args[name] = pin(ref, resolver.recorded[ref])
+        else:
+            local = engine.image_id(ref)
+            if local is None:
+                return None
+            identities[ref] = local
+    return Resolved(args, identities)
+
+
+def is_current(spec: ImageSpec, settings: Settings, arch: Arch, record: Path, resolver: BaseResolver) -> bool:
+    """doit's up-to-date check of an image task (its files are doit's file_dep): the record exists,
+    names this org, and was made from the same build args and base identities as now."""
+    data = read_record(record)
+    if data is None or not str(data.get("ref", "")).startswith(f"{settings.org}/{spec.name}:"):
+        return False
+    if data.get("local") and engine.image_id(data["ref"]) != data.get("id"):
+        return False  # removed from the engine (or re-tagged) since
+    now = known(spec, settings, arch, resolver)
+    return now is not None and data.get("args") == now.args and data.get("bases") == now.bases
 
 
 def image_ref(settings: Settings, spec: ImageSpec, tag: str, arch: Arch | None = None) -> str:
@@ -151,17 +209,12 @@ def _docker_fix(message: str, registry: str) -> str:
     return "see the build output above"
 
 
-def _registry_of(ref: str) -> str:
-    first = ref.split("/", 1)[0]
-    return first if ("." in first or ":" in first or first == "localhost") and "/" in ref else "docker.io"
-
-
 def _stream(lines: Iterator[str]) -> None:
     for line in lines:
         print(f"  {line.rstrip()}", flush=True)
 
 
-def _buildx(spec: ImageSpec, settings: Settings, arch: Arch, ref: str, *, push: bool) -> None:
+def _buildx(spec: ImageSpec, settings: Settings, arch: Arch, ref: str, args: dict[str, str], *, push: bool) -> None:
     from python_on_whales.exceptions import DockerException
 
     client = _client(settings)
@@ -175,7 +228,7 @@ def _buildx(spec: ImageSpec, settings: Settings, arch: Arch, ref: str, *, push: 
                     file=spec.dockerfile(settings.root),
                     platforms=[arch.docker_platform],
                     tags=[ref],
-                    build_args=build_args(spec, settings, arch),
+                    build_args=args,
                     builder=settings.builder,
                     load=not push,
                     push=push,
@@ -186,7 +239,7 @@ def _buildx(spec: ImageSpec, settings: Settings, arch: Arch, ref: str, *, push: 
             )
         except DockerException as exc:
             msg = _last_line(exc)
-            fix = _docker_fix(msg, _registry_of(ref))
+            fix = _docker_fix(msg, registry_of(ref))
             raise HookError(
                 f"docker buildx build of {ref} failed (exit {exc.return_code}): {msg}; try: {fix}"
             ) from None
@@ -206,49 +259,81 @@ def _record(path: Path, data: dict[str, Any]) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def load_image(spec: ImageSpec, settings: Settings, arch: Arch, tag: str, record: Path) -> None:
+def read_record(path: Path) -> dict[str, Any] | None:
+    """An image task's record (what was built or pushed), or None when there is none."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _resolved(spec: ImageSpec, settings: Settings, arch: Arch, files: Iterable[Path],
+              resolver: BaseResolver) -> tuple[Resolved, str]:
+    resolved = resolve(spec, settings, arch, resolver)
+    resolver.save()
+    return resolved, resolved.tag(spec, settings.root, files)
+
+
+def load_image(spec: ImageSpec, settings: Settings, arch: Arch, files: Iterable[Path], record: Path,
+               resolver: BaseResolver) -> None:
     """Build one arch into the local engine (unless that tag is there already) and record it."""
     client = _client(settings)
+    resolved, tag = _resolved(spec, settings, arch, files, resolver)
     ref = image_ref(settings, spec, tag, arch)
     with timed("docker image inspect"):
         exists = client.image.exists(ref)
     if exists:
         log_step(f"{ref} is in the local engine already: not rebuilt")
     else:
-        _buildx(spec, settings, arch, ref, push=False)
+        _buildx(spec, settings, arch, ref, resolved.args, push=False)
     with timed("docker image inspect"):
         image = client.image.inspect(ref)
     if image.architecture != arch.docker:
         raise HookError(
             f"{ref} is {image.architecture}, not {arch.docker}: remove it (docker rmi {ref}) and build again"
         )
-    _record(record, {"ref": ref, "id": image.id, "arch": arch.value, "platform": arch.docker_platform, "local": True})
+    _record(record, {"ref": ref, "tag": tag, "id": image.id, "arch": arch.value, "platform": arch.docker_platform,
+                     "local": True, "bases": resolved.bases, "args": resolved.args})
 
 
-def push_image(spec: ImageSpec, settings: Settings, arch: Arch, tag: str, record: Path) -> None:
+def push_image(spec: ImageSpec, settings: Settings, arch: Arch, files: Iterable[Path], record: Path,
+               resolver: BaseResolver) -> None:
     """Build and push one arch (unless the registry has that tag already) and record what is there."""
     _client(settings)
+    resolved, tag = _resolved(spec, settings, arch, files, resolver)
     ref = image_ref(settings, spec, tag, arch)
     if _remote_manifest(ref) is not None:
         log_step(f"{ref} is in the registry already: not rebuilt or pushed")
     else:
-        _buildx(spec, settings, arch, ref, push=True)
+        _buildx(spec, settings, arch, ref, resolved.args, push=True)
     manifest = _remote_manifest(ref)
     if manifest is None or manifest.config is None:
-        raise HookError(f"{ref} was pushed but the registry does not show it; try: docker login {_registry_of(ref)}")
-    _record(record, {"ref": ref, "config": manifest.config.digest, "arch": arch.value,
-                     "layers": [layer.digest for layer in manifest.layers or []]})
+        raise HookError(f"{ref} was pushed but the registry does not show it; try: docker login {registry_of(ref)}")
+    _record(record, {"ref": ref, "tag": tag, "config": manifest.config.digest, "arch": arch.value,
+                     "layers": [layer.digest for layer in manifest.layers or []],
+                     "bases": resolved.bases, "args": resolved.args})
 
 
-def create_index(spec: ImageSpec, settings: Settings, arches: Iterable[Arch], tag: str, record: Path) -> None:
-    """Join the pushed per-arch tags into the multi-arch index <org>/<image>:<hash>."""
+def index_tag(arch_tags: dict[str, str]) -> str:
+    """The multi-arch index's tag: a hash of its per-arch tags (each a content hash of its own)."""
+    return hashlib.sha256(json.dumps(arch_tags, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def create_index(spec: ImageSpec, settings: Settings, arch_records: dict[Arch, Path], record: Path) -> None:
+    """Join the pushed per-arch images into the multi-arch index <org>/<image>:<hash>."""
     from python_on_whales.exceptions import DockerException
 
     client = _client(settings)
-    arches = tuple(arches)
-    ref = image_ref(settings, spec, tag)
-    sources = [image_ref(settings, spec, tag, a) for a in arches]
-    want = {a.docker_platform for a in arches}
+    sources, tags = [], {}
+    for arch, path in arch_records.items():
+        data = read_record(path)
+        if data is None or "ref" not in data:
+            raise HookError(f"{path} is missing: run `doit image_push:{spec.name}-{arch}` first")
+        sources.append(data["ref"])
+        tags[arch.docker] = data["tag"]
+    ref = image_ref(settings, spec, index_tag(tags))
+    want = {a.docker_platform for a in arch_records}
     existing = _remote_manifest(ref)
     if existing is not None and platforms_of(existing) == want:
         log_step(f"{ref} (index of {', '.join(sorted(want))}) is in the registry already")
@@ -258,7 +343,7 @@ def create_index(spec: ImageSpec, settings: Settings, arches: Iterable[Arch], ta
             client.buildx.imagetools.create(sources, tags=[ref], builder=settings.builder)
         except DockerException as exc:
             msg = _last_line(exc)
-            fix = _docker_fix(msg, _registry_of(ref))
+            fix = _docker_fix(msg, registry_of(ref))
             raise HookError(f"imagetools create {ref} failed: {msg}; try: {fix}") from None
         existing = _remote_manifest(ref)
     if existing is None or platforms_of(existing) != want:

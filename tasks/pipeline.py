@@ -7,8 +7,11 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks import images, linuxkit
+import yaml
+
+from tasks import engine, images, linuxkit
 from tasks.arch import Arch
+from tasks.bases import BaseResolver, dockerfile_bases
 from tasks.config import Settings
 from tasks.errors import HookError
 from tasks.files import atomic_write_text, atomic_writer, remove
@@ -101,37 +104,37 @@ def image_record(settings: Settings, spec: images.ImageSpec, arch: Arch | None, 
 
 @dataclass(frozen=True)
 class ImagePlan:
-    """What one image is made of now: its files (file_dep) and its content-hash tag."""
+    """One image we build and the files that go into it (its tasks' file_dep)."""
 
     spec: images.ImageSpec
     files: tuple[Path, ...]
-    tag: str
 
 
 def plan_images(settings: Settings) -> dict[str, ImagePlan]:
-    plans = {}
-    for spec in images.IMAGES:
-        files = images.context_files(spec, settings.root)
-        args = {arch.docker: images.build_args(spec, settings, arch) for arch in Arch}
-        tag = images.content_hash(spec, settings.root, files, args)
-        plans[spec.name] = ImagePlan(spec, tuple(files), tag)
-    return plans
+    return {spec.name: ImagePlan(spec, tuple(images.context_files(spec, settings.root))) for spec in images.IMAGES}
+
+
+def bases_record(settings: Settings) -> Path:
+    """Registry base images resolved to a digest (tasks.bases), shared by every build of this checkout."""
+    return settings.out / "images" / "bases.json"
+
+
+def image_records(settings: Settings, plans: dict[str, ImagePlan], build: Build, arch: Arch) -> dict[str, Path]:
+    """The image records a build's linuxkit step depends on: per-arch local images, or the pushed indexes."""
+    return {name: image_record(settings, plan.spec, arch if build.local else None, local=build.local)
+            for name, plan in plans.items()}
 
 
 def image_refs(settings: Settings, plans: dict[str, ImagePlan], build: Build, arch: Arch) -> dict[str, str]:
-    """The references a build's config uses: per-arch local tags, or the pushed multi-arch index."""
-    return {
-        name: images.image_ref(settings, plan.spec, plan.tag, arch if build.local else None)
-        for name, plan in plans.items()
-    }
-
-
-def image_inputs(settings: Settings, plans: dict[str, ImagePlan], build: Build, arch: Arch) -> list[Path]:
-    """The image records a build's linuxkit step depends on."""
-    return [
-        image_record(settings, plan.spec, arch if build.local else None, local=build.local)
-        for plan in plans.values()
-    ]
+    """The references a build's config uses, as the image tasks recorded them."""
+    refs = {}
+    for name, record in image_records(settings, plans, build, arch).items():
+        data = images.read_record(record)
+        if data is None or "ref" not in data:
+            task = f"image_load:{name}-{arch}" if build.local else f"image_index:{name}"
+            raise HookError(f"{record} is missing: run `doit {task}` first")
+        refs[name] = data["ref"]
+    return refs
 
 
 # --- the OS: render, linuxkit build, convert ------------------------------------------------------
@@ -166,17 +169,80 @@ def render_configs(settings: Settings, build: Build, arch: Arch, refs: dict[str,
     return rendered
 
 
+def package_refs(settings: Settings, build: Build, arch: Arch) -> list[str]:
+    """The LinuxKit images (kernel, init, services) a build's configs name, other than ours."""
+    values = render_values(settings, {"hook-docker": "", "hook-bootkit": ""}, arch)
+    refs: list[str] = []
+    for name in build.templates:
+        template = settings.root / "linuxkit" / name
+        try:
+            config = yaml.load(linuxkit.render(template, values), Loader=linuxkit.Yaml12Loader)  # noqa: S506
+        except (OSError, HookError, yaml.YAMLError):
+            continue  # the linuxkit task itself says what is wrong with it
+        if isinstance(config, dict):
+            refs += [r for r in linuxkit.images_of(config) if isinstance(r, str) and r]
+    return sorted(set(refs))
+
+
+def os_inputs(settings: Settings, build: Build, arch: Arch) -> dict[str, object]:
+    """What, besides its files, the OS of one build and arch is made from (doit's config_changed).
+
+    For a local build this includes the id of each LinuxKit package in the local engine: a package
+    image re-made under the same tag re-makes the OS.
+    """
+    inputs: dict[str, object] = {"kernel": settings.kernel, "pkg_org": settings.pkg_org,
+                                 "linuxkit": [settings.linuxkit, settings.linuxkit_src, settings.linuxkit_sha256],
+                                 "compression": settings.compression}
+    if build.flavour == "debug":
+        inputs["ssh_keys"] = list(settings.ssh_keys)
+    if build.local:
+        inputs["packages"] = {ref: engine.image_id(ref) for ref in package_refs(settings, build, arch)}
+    return inputs
+
+
+def refresh_bases(settings: Settings, plans: dict[str, ImagePlan], resolver: BaseResolver) -> None:
+    """`doit bases`: look up again, in their registries, the base images that are not local."""
+    seen: set[str] = set()
+    for plan in plans.values():
+        for arch in Arch:
+            bases = dockerfile_bases(plan.spec.dockerfile(settings.root).read_text())
+            args = images.build_args(plan.spec, settings, arch)
+            for name, default in bases.items():
+                ref = default if name.startswith("FROM ") else args.get(name, default)
+                if not ref or ref in seen or "@sha256:" in ref or engine.image_id(ref):
+                    continue
+                seen.add(ref)
+                old = resolver.recorded.get(ref)
+                _, digest = resolver.resolve(ref, refresh=True)
+                state = "unchanged" if old == digest else (f"was {old}" if old else "new")
+                log_step(f"{ref} ({plan.spec.name}, {arch}): {digest} ({state})")
+    resolver.save()
+    if not seen:
+        log_step("every base image is pinned or in the local engine: nothing to look up")
+
+
+def linuxkit_tool(settings: Settings) -> str:
+    """The LinuxKit v1.8.2 binary the settings ask for: given, on PATH, built from source or downloaded."""
+    from tasks.tools import linuxkit_binary
+
+    return linuxkit_binary(linuxkit=settings.linuxkit, url=settings.linuxkit_url, sha256=settings.linuxkit_sha256,
+                           src=settings.linuxkit_src, cache=settings.cache_dir)
+
+
 def make_os(settings: Settings, build: Build, arch: Arch, plans: dict[str, ImagePlan]) -> None:
     """Render the configs, run linuxkit build, then convert its initrd: the whole OS of one arch."""
     configs = render_configs(settings, build, arch, image_refs(settings, plans, build, arch))
     log_step(f"linuxkit build {build.name} {arch} ({'local images' if build.local else 'registry images'})")
+    refs = [ref for config in configs for ref in linuxkit.images_of(
+        yaml.load(config.read_text(), Loader=linuxkit.Yaml12Loader))]  # noqa: S506 - a SafeLoader
     linuxkit.build(
-        linuxkit=settings.linuxkit,
+        linuxkit=linuxkit_tool(settings),
         configs=configs,
         arch=arch,
         name=build.prefix,
         outdir=linuxkit_dir(settings, build, arch),
         local_images=build.local,
+        mirrors=() if build.local else linuxkit.mirrors_for(refs),
     )
     convert(settings, build, arch)
 
