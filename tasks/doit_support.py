@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import functools
+import signal
 import sys
 from collections.abc import Callable
 from typing import Any
 
 from doit.exceptions import TaskFailed
 from doit.reporter import ConsoleReporter
+from doit.tools import config_changed
 
 from tasks.errors import HookError
+from tasks.run import terminate_children
 
 
 def action(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Callable[..., Any], tuple[Any, ...], dict]:
@@ -23,10 +26,42 @@ def action(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Callable[
         except HookError as exc:
             return TaskFailed(str(exc))
         except KeyboardInterrupt:
-            return TaskFailed("interrupted: nothing half-written was kept; run the same command again")
+            stopped = terminate_children()
+            tools = f" (stopped {', '.join(stopped)})" if stopped else ""
+            return TaskFailed(f"interrupted{tools}: nothing half-written was kept; run the same command again")
         return None
 
     return (wrapped, (), {})
+
+
+def interrupt_on_sigterm() -> None:
+    """Make SIGTERM act like Ctrl-C (KeyboardInterrupt): the running action stops its tool, removes
+    its temporary files, and the task is recorded as failed, so the next run does it again.
+
+    Python's default for SIGTERM is to die at once: no `finally`, and a linuxkit or buildx child
+    that keeps running with a temporary folder behind it.
+    """
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
+class lazy_config_changed(config_changed):  # noqa: N801 - named like doit's own
+    """doit's config_changed, with the config computed only when doit checks the task.
+
+    For inputs that cost a look-up (the local engine, a rendered config): a task that is not part of
+    the command being run never pays for them.
+    """
+
+    def __init__(self, make: Callable[[], Any]) -> None:
+        super().__init__({})
+        self._make = make
+
+    def _calc_digest(self) -> str:
+        self.config = self._make()
+        return super()._calc_digest()
 
 
 class HookReporter(ConsoleReporter):

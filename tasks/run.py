@@ -8,11 +8,13 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from tasks.errors import HookError
 
@@ -69,6 +71,61 @@ def find_tool(name: str, *, setting: str | None = None, path: str | os.PathLike[
     raise HookError(f"{candidate} not found: {hint}{where}")
 
 
+def stop_process(proc: subprocess.Popen[Any], *, grace: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL after `grace` seconds; wait for it either way."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _children(pid: int) -> list[tuple[int, str]]:
+    """(pid, command line) of the live child processes of pid, from /proc (Linux); [] elsewhere."""
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (entry / "stat").read_text()
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            if ppid == pid:
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+                found.append((int(entry.name), " ".join(a.decode(errors="replace") for a in argv[:3] if a)))
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
+def terminate_children(*, grace: float = 10.0) -> list[str]:
+    """Stop every child process of this one (a tool started by a library we cannot reach into, such as
+    python-on-whales's `docker buildx build`): SIGTERM, then SIGKILL after `grace` seconds.
+
+    Returns the command lines of those stopped. Used when an action is interrupted.
+    """
+    children = _children(os.getpid())
+    for pid, _ in children:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for pid, _ in children:
+        while time.monotonic() < deadline:
+            try:
+                done, _status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if done:
+                break
+            time.sleep(0.05)
+        else:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+    return [command for _, command in children]
+
+
 def run(
     argv: Sequence[str | os.PathLike[str]],
     *,
@@ -109,13 +166,17 @@ def run(
         raise HookError(f"{name} could not start: {exc.strerror}; {hint}") from None
     assert proc.stdout is not None
     with timed(name):
-        for raw in proc.stdout:
-            line = mask(raw.rstrip("\n"), secrets)
-            lines.append(line)
-            tail.append(line)
-            if not quiet:
-                print(f"  {line}", file=sys.stderr, flush=True)
-        rc = proc.wait()
+        try:
+            for raw in proc.stdout:
+                line = mask(raw.rstrip("\n"), secrets)
+                lines.append(line)
+                tail.append(line)
+                if not quiet:
+                    print(f"  {line}", file=sys.stderr, flush=True)
+            rc = proc.wait()
+        except BaseException:  # an interrupt (Ctrl-C, SIGTERM): the tool stops with us
+            stop_process(proc)
+            raise
     if rc != 0:
         last = " | ".join(x.strip() for x in tail if x.strip()) or "no output"
         hint = f"; try: {fix}" if fix else ""
