@@ -1,26 +1,41 @@
-"""Boot a kernel + initramfs under QEMU, with the serial console captured.
+"""Boot a kernel + initramfs under QEMU with the serial console captured: the harness that `doit boot`
+and the boot tests share.
 
-Used by the `run` task (interactively: see `interactive_argv`) and by tests that check an
-initramfs really boots (`boot`, which waits for a marker on the console or for power-off).
+- `Guest`: one running QEMU. The serial console is read continuously (kept, logged, optionally
+  echoed); `wait_for()` waits for text on it, `milestones` records when known boot stages showed,
+  `sh()` types a command into the guest's serial shell and returns its output and exit status.
+- Networks: `Nic` is a QEMU user-mode NIC, always `restrict=on` (the guest reaches nothing), with
+  `Forward`s (a guest address that reaches one service on the host's 127.0.0.1, through
+  tasks/relay.py run per connection), `hostfwd` ports (127.0.0.1 on the host to a guest port, for
+  ssh) and an optional pcap of its traffic (QEMU's filter-dump). No NIC at all is `nics=()`.
+- `boot()`: boot until a marker shows or the guest powers off (the simple case).
+- `interactive()`: the console on this terminal (Ctrl-A X quits), with milestones printed beside it.
 
 Acceleration: TCG unless KVM is known to work. `accel="auto"` picks KVM only when the guest
 arch is the host's, /dev/kvm is usable AND the KVM module is not `kvm_pvm` (a software
 hypervisor on which a stock kernel hangs for many minutes). `accel="kvm"` forces it.
 
+/dev/console is the LAST `console=` on the kernel cmdline that exists. `console_cmdline()` appends
+the arch's serial port when the cmdline's last console= is another one, so that what init, the
+services and tink-worker write to /dev/console shows on the serial line QEMU gives us.
+
 aarch64 uses `qemu-system-aarch64 -M virt -cpu cortex-a57` and the PL011 console `ttyAMA0`.
-That path is written but not tested here (no qemu-system-arm on the test machine).
+That path is written but not booted here (no aarch64 firmware or qemu-system-arm on the test machine).
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
-import selectors
+import re
 import shlex
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +50,54 @@ TAIL_LINES = 12
 CONSOLE = {arch: arch.serial_console for arch in Arch}
 KVM_DEVICE = Path("/dev/kvm")
 KVM_PVM_MODULE = Path("/sys/module/kvm_pvm")
+RELAY = Path(__file__).resolve().parent / "relay.py"
+#: Where a forwarded host service appears in the guest by default (QEMU's user net is 10.0.2.0/24).
+GUEST_SERVICE_IP = "10.0.2.100"
+
+#: Boot stages of the Hook OS that show on the serial console, in order: (name, regex).
+HOOK_MILESTONES: tuple[tuple[str, str], ...] = (
+    ("kernel", r"Linux version \d"),
+    ("/init runs (initramfs unpacked)", r"Run /init as init process"),
+    ("LinuxKit init (root copied)", r"Welcome to LinuxKit"),
+    ("containerd", r"containerd successfully booted"),
+    ("tink-worker", r"TINK-WORKER-RUNNING"),
+)
+
+
+@dataclass(frozen=True)
+class Forward:
+    """A guest address (guest_ip:guest_port) that reaches host_ip:host_port on this machine."""
+
+    guest_port: int
+    host_port: int
+    guest_ip: str = GUEST_SERVICE_IP
+    host_ip: str = "127.0.0.1"
+
+    def qemu(self) -> str:
+        command = f"{sys.executable} {RELAY} {self.host_ip} {self.host_port}"
+        return f"guestfwd=tcp:{self.guest_ip}:{self.guest_port}-cmd:{command.replace(',', ',,')}"
+
+
+@dataclass(frozen=True)
+class Nic:
+    """A QEMU user-mode NIC with restrict=on: the guest reaches only what `forwards` name."""
+
+    forwards: tuple[Forward, ...] = ()
+    #: (port on the host's 127.0.0.1, guest port): e.g. ssh into the guest.
+    hostfwd: tuple[tuple[int, int], ...] = ()
+    mac: str | None = None
+    pcap: Path | None = None
+    model: str = "virtio-net-pci"
+
+    def args(self, index: int) -> list[str]:
+        netdev = [f"user,id=net{index},restrict=on"]
+        netdev += [f.qemu() for f in self.forwards]
+        netdev += [f"hostfwd=tcp:127.0.0.1:{host}-:{guest}" for host, guest in self.hostfwd]
+        device = f"{self.model},netdev=net{index}" + (f",mac={self.mac}" if self.mac else "")
+        argv = ["-netdev", ",".join(netdev), "-device", device]
+        if self.pcap is not None:
+            argv += ["-object", f"filter-dump,id=dump{index},netdev=net{index},file={self.pcap}"]
+        return argv
 
 
 @dataclass
@@ -95,9 +158,33 @@ def arch_cmdline(cmdline: str, arch: Arch) -> str:
     return " ".join(words)
 
 
-def _argv(
-    qemu: str, kernel: Path, initrd: Path, *, arch: Arch, cmdline: str, memory_mb: int, accel: str
+def console_cmdline(cmdline: str, arch: Arch) -> str:
+    """arch_cmdline(), plus `console=<serial>` at the end unless the last console= is already it.
+
+    /dev/console is the last console= that exists: without this, a cmdline such as
+    `console=ttyS0 console=tty0` sends init's and the services' output to the screen QEMU hides.
+    """
+    cmdline = arch_cmdline(cmdline, arch)
+    consoles = [w.partition("=")[2].partition(",")[0] for w in cmdline.split() if w.startswith("console=")]
+    if consoles and consoles[-1] == CONSOLE[arch]:
+        return cmdline
+    return f"{cmdline} console={CONSOLE[arch]}".strip()
+
+
+def qemu_argv(
+    qemu: str,
+    kernel: Path,
+    initrd: Path,
+    *,
+    arch: Arch,
+    cmdline: str,
+    memory_mb: int,
+    accel: str,
+    smp: int = 1,
+    nics: Sequence[Nic] | None = None,
+    extra: Sequence[str] = (),
 ) -> list[str]:
+    """The qemu command line. nics=None: QEMU's default NIC is disabled too (`-nic none`)."""
     argv = [qemu]
     if arch is Arch.AARCH64:
         argv += ["-M", "virt", "-cpu", "host" if accel == "kvm" else "cortex-a57"]
@@ -106,14 +193,24 @@ def _argv(
     argv += [
         "-accel", accel,
         "-m", str(memory_mb),
-        "-smp", "1",
+        "-smp", str(smp),
         "-nographic",
         "-no-reboot",
         "-kernel", os.fspath(kernel),
         "-initrd", os.fspath(initrd),
         "-append", arch_cmdline(cmdline, arch),
     ]  # fmt: skip
-    return argv
+    if not nics:
+        argv += ["-nic", "none"]
+    else:
+        for index, nic in enumerate(nics):
+            argv += nic.args(index)
+    return argv + list(extra)
+
+
+# kept for callers and tests of the simple shape
+def _argv(qemu: str, kernel: Path, initrd: Path, *, arch: Arch, cmdline: str, memory_mb: int, accel: str) -> list[str]:
+    return qemu_argv(qemu, kernel, initrd, arch=arch, cmdline=cmdline, memory_mb=memory_mb, accel=accel)
 
 
 def _check_inputs(kernel: Path, initrd: Path, memory_mb: int) -> None:
@@ -132,12 +229,15 @@ def interactive_argv(
     cmdline: str = DEFAULT_CMDLINE,
     memory_mb: int = 1024,
     accel: str = "auto",
+    nics: Sequence[Nic] | None = None,
+    smp: int = 1,
 ) -> list[str]:
     """The qemu command line to boot interactively: console on this terminal, Ctrl-A X quits."""
     _check_inputs(kernel, initrd, memory_mb)
     qemu = find_tool(arch.qemu_binary)
-    return _argv(
-        qemu, kernel, initrd, arch=arch, cmdline=cmdline, memory_mb=memory_mb, accel=pick_accel(accel, arch)
+    return qemu_argv(
+        qemu, kernel, initrd, arch=arch, cmdline=cmdline, memory_mb=memory_mb, accel=pick_accel(accel, arch),
+        nics=nics, smp=smp,
     )
 
 
@@ -146,15 +246,234 @@ def _tail(text: str, n: int = TAIL_LINES) -> str:
     return " | ".join(lines[-n:]) or "(no console output)"
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", "replace").replace("\r\n", "\n").replace("\r", "")
+
+
+def _keep(console: str) -> Path:
+    fd, name = tempfile.mkstemp(prefix="hook-qemu-", suffix=".log")
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        out.write(console)
+    return Path(name)
+
+
+@dataclass
+class ShellResult:
+    """What a command typed into the guest's serial shell printed, and its exit status."""
+
+    command: str
+    output: str
+    status: int
+
+
+class Guest:
+    """One QEMU guest with its serial console read in the background.
+
+    Use as a context manager (QEMU is stopped on exit). The console is kept in memory, written to
+    `log` as it comes, and echoed to stderr with `echo=True`. `milestones` maps each of
+    `milestone_patterns` to the seconds after start it first showed.
+    """
+
+    def __init__(
+        self,
+        kernel: Path,
+        initrd: Path,
+        *,
+        arch: Arch = Arch.X86_64,
+        cmdline: str = DEFAULT_CMDLINE,
+        memory_mb: int = 1024,
+        accel: str = "auto",
+        smp: int = 1,
+        nics: Sequence[Nic] | None = None,
+        extra: Sequence[str] = (),
+        log: Path | None = None,
+        echo: bool = False,
+        milestone_patterns: Sequence[tuple[str, str]] = (),
+        announce: bool = True,
+    ) -> None:
+        _check_inputs(kernel, initrd, memory_mb)
+        self.arch = arch
+        self.accel = pick_accel(accel, arch)
+        qemu = find_tool(arch.qemu_binary)
+        self.argv = qemu_argv(qemu, kernel, initrd, arch=arch, cmdline=cmdline, memory_mb=memory_mb,
+                              accel=self.accel, smp=smp, nics=nics, extra=extra)
+        self.log = Path(log) if log is not None else None
+        self.echo = echo
+        self.announce = announce
+        self._patterns = [(name, re.compile(rx.encode())) for name, rx in milestone_patterns]
+        self.milestones: dict[str, float] = {}
+        self._raw = bytearray()
+        self._cond = threading.Condition()
+        self._eof = False
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._reader: threading.Thread | None = None
+        self._sink = None
+        self._started = 0.0
+        self._counter = itertools.count(1)
+        self._milestone_pos = 0
+
+    # --- life cycle --------------------------------------------------------------------------
+
+    def start(self) -> Guest:
+        if self.log is not None:
+            self.log.parent.mkdir(parents=True, exist_ok=True)
+            self._sink = open(self.log, "wb")  # noqa: SIM115 - closed in stop()
+        log_step(f"booting under qemu ({self.arch}, {self.accel}): {shlex.join(self.argv)}")
+        try:
+            self._proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                          stderr=subprocess.STDOUT)
+        except OSError as exc:
+            raise HookError(f"{self.arch.qemu_binary} could not start: {exc.strerror}") from None
+        self._started = time.monotonic()
+        self._reader = threading.Thread(target=self._read, name="qemu-console", daemon=True)
+        self._reader.start()
+        return self
+
+    def __enter__(self) -> Guest:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self._started
+
+    @property
+    def returncode(self) -> int | None:
+        return self._proc.poll() if self._proc else None
+
+    def stop(self) -> None:
+        """Stop QEMU (if it still runs) and the console reader."""
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if self._reader is not None:
+            self._reader.join(10)
+        if proc is not None:
+            for stream in (proc.stdin, proc.stdout):
+                with contextlib.suppress(OSError):
+                    if stream:
+                        stream.close()
+        if self._sink:
+            self._sink.close()
+            self._sink = None
+
+    def _read(self) -> None:
+        assert self._proc is not None and self._proc.stdout is not None
+        fd = self._proc.stdout.fileno()
+        while True:
+            try:
+                data = os.read(fd, 65536)
+            except OSError:
+                data = b""
+            with self._cond:
+                if not data:
+                    self._eof = True
+                    self._cond.notify_all()
+                    return
+                self._raw += data
+                self._note_milestones()
+                self._cond.notify_all()
+            if self._sink:
+                self._sink.write(data)
+                self._sink.flush()
+            if self.echo:
+                sys.stderr.write(data.decode("utf-8", "replace"))
+                sys.stderr.flush()
+
+    def _note_milestones(self) -> None:
+        for name, rx in self._patterns:
+            if name not in self.milestones and rx.search(self._raw, max(0, self._milestone_pos - 200)):
+                self.milestones[name] = round(self.elapsed, 1)
+                if self.announce:
+                    log_step(f"boot milestone after {self.milestones[name]:6.1f}s: {name}")
+        self._milestone_pos = len(self._raw)
+
+    # --- the console -------------------------------------------------------------------------
+
+    @property
+    def console(self) -> str:
+        with self._cond:
+            return _text(bytes(self._raw))
+
+    def mark(self) -> int:
+        """A position in the console: wait_for(..., since=mark) looks only at what came after it."""
+        with self._cond:
+            return len(self._raw)
+
+    def wait_for(self, pattern: str | re.Pattern[str], *, timeout: float, since: int = 0) -> re.Match[str]:
+        """Wait until pattern (text or regex) shows on the console; HookError on timeout or power-off."""
+        rx = pattern if isinstance(pattern, re.Pattern) else re.compile(re.escape(pattern))
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                found = rx.search(_text(bytes(self._raw[since:])))
+                if found:
+                    return found
+                left = deadline - time.monotonic()
+                if self._eof or left <= 0:
+                    break
+                self._cond.wait(min(left, 1.0))
+        what = rx.pattern if isinstance(pattern, re.Pattern) else pattern
+        why = (f"the guest stopped (qemu exit {self.returncode}) after {self.elapsed:.1f}s" if self._eof
+               else f"not within {timeout:g}s")
+        raise HookError(f"no {what!r} on the console: {why}; last lines: {_tail(self.console)}"
+                        + (f" (console log: {self.log})" if self.log else ""))
+
+    def write(self, text: str | bytes) -> None:
+        """Type text on the serial console."""
+        assert self._proc is not None and self._proc.stdin is not None
+        try:
+            self._proc.stdin.write(text.encode() if isinstance(text, str) else text)
+            self._proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            raise HookError(f"cannot type on the console: qemu exited ({self.returncode})") from None
+
+    def sh(self, command: str, *, timeout: float = 60, retry_every: float = 5.0) -> ShellResult:
+        """Run a shell command in the guest's serial shell; return what it printed and its status.
+
+        The command is wrapped in markers the typed line itself cannot match (`"=B""7="` prints
+        `=B7=`), so the guest's echo of the typed line is never taken as output. Until the shell
+        answers (it may not be up yet), the command is typed again every `retry_every` seconds,
+        so it must be safe to run twice.
+        """
+        n = next(self._counter)
+        line = f'echo "=B""{n}="; {command}; echo "=E""{n}= $?"\n'
+        rx = re.compile(rf"=B{n}=\n(.*?)=E{n}= (\d+)", re.S)
+        deadline = time.monotonic() + timeout
+        since = self.mark()
+        while True:
+            self.write(line)
+            try:
+                found = self.wait_for(rx, timeout=min(retry_every, max(0.1, deadline - time.monotonic())),
+                                      since=since)
+                return ShellResult(command, found.group(1), int(found.group(2)))
+            except HookError:
+                if self._eof or time.monotonic() >= deadline:
+                    raise HookError(f"the guest's serial shell did not run {command!r} within {timeout:g}s; "
+                                    f"last lines: {_tail(self.console)}") from None
+
+    def wait_exit(self, timeout: float) -> int:
+        """Wait for QEMU to exit (the guest powered off or rebooted under -no-reboot)."""
+        assert self._proc is not None
+        try:
+            code = self._proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise HookError(f"the guest did not power off or reboot within {timeout:g}s; last lines: "
+                            f"{_tail(self.console)}") from None
+        if self._reader is not None:
+            self._reader.join(10)
+        return code
+
+    def milestone_report(self) -> str:
+        return ", ".join(f"{name} {seconds:.1f}s" for name, seconds in
+                         sorted(self.milestones.items(), key=lambda item: item[1])) or "(none seen)"
 
 
 def boot(
@@ -169,6 +488,9 @@ def boot(
     accel: str = "auto",
     log: Path | None = None,
     echo: bool = False,
+    nics: Sequence[Nic] | None = None,
+    smp: int = 1,
+    milestones: Sequence[tuple[str, str]] = (),
 ) -> BootResult:
     """Boot kernel+initrd with the console captured (-nographic, -no-reboot).
 
@@ -178,92 +500,34 @@ def boot(
     it), or when the guest does not power off within `timeout`. The console is written to `log`
     (or, on failure without a `log`, to a kept temporary file named in the error).
     """
-    _check_inputs(kernel, initrd, memory_mb)
-    qemu = find_tool(arch.qemu_binary)
-    chosen = pick_accel(accel, arch)
-    argv = _argv(qemu, kernel, initrd, arch=arch, cmdline=cmdline, memory_mb=memory_mb, accel=chosen)
-    log_step(
-        f"booting {Path(initrd).name} under qemu ({arch}, {chosen}), up to {timeout:g}s: {shlex.join(argv)}"
-    )
-
-    if log is not None:
-        log = Path(log)
-        log.parent.mkdir(parents=True, exist_ok=True)
-    sink = open(log, "wb") if log is not None else None  # noqa: SIM115 - closed in finally
-    started = time.monotonic()
-    searched = 0  # bytes of the console already searched for `expect` (minus an overlap)
-    needle = expect.encode() if expect is not None else b""
+    guest = Guest(kernel, initrd, arch=arch, cmdline=cmdline, memory_mb=memory_mb, accel=accel, log=log,
+                  echo=echo, nics=nics, smp=smp, milestone_patterns=milestones)
+    failure: str | None = None
     matched = False
-    timed_out = False
-    raw = bytearray()
-    try:
-        try:
-            proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-            )
-        except OSError as exc:
-            raise HookError(f"{arch.qemu_binary} could not start: {exc.strerror}") from None
-        assert proc.stdout is not None
-        fd = proc.stdout.fileno()
-        os.set_blocking(fd, False)
-        try:
-            with selectors.DefaultSelector() as sel:
-                sel.register(fd, selectors.EVENT_READ)
-                while True:
-                    left = timeout - (time.monotonic() - started)
-                    if left <= 0:
-                        timed_out = True
-                        break
-                    if not sel.select(min(left, 1.0)):
-                        continue
-                    try:
-                        data = os.read(fd, 65536)
-                    except BlockingIOError:
-                        continue
-                    if not data:  # EOF: qemu is exiting
-                        with contextlib.suppress(subprocess.TimeoutExpired):
-                            proc.wait(10)
-                        break
-                    raw += data
-                    if sink:
-                        sink.write(data)
-                        sink.flush()
-                    if echo:
-                        sys.stderr.write(data.decode("utf-8", "replace"))
-                        sys.stderr.flush()
-                    if expect is not None:
-                        if raw.find(needle, max(0, searched - len(needle))) >= 0:
-                            matched = True
-                            break
-                        searched = len(raw)
-        finally:
-            _stop(proc)
-            proc.stdout.close()
-    finally:
-        if sink:
-            sink.close()
-    console = _text(bytes(raw))
-    returncode = None if matched else proc.returncode
-    seconds = time.monotonic() - started
-    result = BootResult(
-        argv=argv,
-        console=console,
-        returncode=returncode,
-        seconds=seconds,
-        matched=matched,
-        log=log,
-        accel=chosen,
-    )
+    returncode: int | None = None
+    with guest:
+        deadline = time.monotonic() + timeout
+        if expect is not None:
+            try:
+                guest.wait_for(expect, timeout=timeout)
+                matched = True
+            except HookError:
+                pass
+        if not matched:
+            try:
+                returncode = guest.wait_exit(max(0.0, deadline - time.monotonic()))
+            except HookError:
+                returncode = None
+        seconds = guest.elapsed
+    console = guest.console
+    result = BootResult(argv=guest.argv, console=console, returncode=returncode, seconds=seconds,
+                        matched=matched, log=log, accel=guest.accel)
     if matched:
         log_step(f"qemu: saw {expect!r} after {seconds:.1f}s")
         return result
-
-    failure: str | None = None
-    if timed_out:
-        if expect is not None:
-            failure = f"no {expect!r} on the console after {timeout:g} s"
-        else:
-            failure = f"the guest did not power off within {timeout:g} s"
+    if returncode is None:
+        failure = (f"no {expect!r} on the console after {timeout:g} s" if expect is not None
+                   else f"the guest did not power off within {timeout:g} s")
     elif returncode != 0:
         failure = f"{arch.qemu_binary} failed (exit {returncode}) after {seconds:.1f} s"
     elif expect is not None:
@@ -275,12 +539,39 @@ def boot(
     raise HookError(f"{failure}; last lines: {_tail(console)} (console log: {kept})")
 
 
-def _text(raw: bytes) -> str:
-    return raw.decode("utf-8", "replace").replace("\r\n", "\n").replace("\r", "")
+def interactive(guest: Guest) -> int:
+    """Run a guest with its console on this terminal: keys go to the guest, Ctrl-A X quits QEMU.
 
+    Milestones are printed on stderr beside the console as they show. Returns QEMU's exit status.
+    """
+    import termios
+    import tty
 
-def _keep(console: str) -> Path:
-    fd, name = tempfile.mkstemp(prefix="hook-qemu-", suffix=".log")
-    with os.fdopen(fd, "w", encoding="utf-8") as out:
-        out.write(console)
-    return Path(name)
+    guest.echo = True
+    stdin = sys.stdin.fileno()
+    saved = termios.tcgetattr(stdin) if os.isatty(stdin) else None
+    with guest:
+        if saved is not None:
+            tty.setraw(stdin)
+        try:
+            stop = threading.Event()
+
+            def forward() -> None:
+                while not stop.is_set():
+                    try:
+                        data = os.read(stdin, 1024)
+                    except OSError:
+                        return
+                    if not data:
+                        return
+                    with contextlib.suppress(HookError):
+                        guest.write(data)
+
+            threading.Thread(target=forward, name="keys", daemon=True).start()
+            code = guest.wait_exit(timeout=10 * 365 * 86400)
+            stop.set()
+        finally:
+            if saved is not None:
+                termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
+    log_step(f"qemu exited ({code}); milestones: {guest.milestone_report()}")
+    return code
