@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Set up a Debian 12 machine to run hook's tests: idempotent, safe to run again.
-# Installs Debian's docker.io, buildx (from trixie, pinned low), docker-registry, qemu, cpio,
-# busybox, debootstrap; downloads a Debian kernel for QEMU boots; starts dockerd; makes the
-# local base images the tests build on (no registry to pull from here).
+# Installs Debian's docker.io, buildx and Go 1.24 (both from trixie, pinned low), docker-registry,
+# qemu, cpio, busybox, debootstrap; downloads a Debian kernel for QEMU boots; starts dockerd; makes
+# the local base images the tests build on (no registry to pull from here). The test OS (LinuxKit's
+# packages remade from Debian parts) and LinuxKit itself come after, from hack/test.sh.
 set -euo pipefail
 
 CACHE=${HOOK_TEST_CACHE:-/var/cache/hook-test}
@@ -11,7 +12,7 @@ log() { printf '==> %s\n' "$*" >&2; }
 
 need_pkgs=()
 for p in docker.io docker-registry qemu-system-x86 qemu-user-static busybox-static cpio \
-         debootstrap zstd xz-utils pigz iproute2 apache2-utils; do
+         debootstrap zstd xz-utils pigz iproute2 apache2-utils openssh-client gcc libc6-dev patch; do
   dpkg -s "$p" >/dev/null 2>&1 || need_pkgs+=("$p")
 done
 if ((${#need_pkgs[@]})); then
@@ -20,8 +21,8 @@ if ((${#need_pkgs[@]})); then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends -t bookworm "${need_pkgs[@]}" >/dev/null
 fi
 
-if ! dpkg -s docker-buildx >/dev/null 2>&1; then
-  log "apt: docker-buildx from trixie (pinned low: nothing else comes from trixie)"
+if ! dpkg -s docker-buildx >/dev/null 2>&1 || ! dpkg -s golang-1.24-go >/dev/null 2>&1; then
+  log "apt: docker-buildx and golang-1.24-go from trixie (pinned low: nothing else comes from trixie)"
   uri=$(awk '/^URIs:/{print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
   uri=${uri:-http://deb.debian.org/debian}
   cat >/etc/apt/sources.list.d/trixie.sources <<SRC
@@ -37,7 +38,8 @@ Pin: release n=trixie
 Pin-Priority: 100
 PIN
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends -t trixie docker-buildx >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends -t trixie docker-buildx \
+    golang-1.24-go >/dev/null
 fi
 
 # A Debian kernel for QEMU boots and for the LinuxKit stand-in's kernel output.

@@ -13,6 +13,13 @@ fi
 export PATH="$PWD/.venv/bin:$PATH" VIRTUAL_ENV="$PWD/.venv"
 echo "==> python: pip install -e .[test]" >&2
 python3 -m pip install -q --disable-pip-version-check -e '.[test]' 2> >(grep -v 'is ignored: it is neither a file' >&2)
+echo "==> test OS: LinuxKit's packages from Debian parts and LinuxKit's Go sources (hack/test-os.py)" >&2
+CACHE=${HOOK_TEST_CACHE:-/var/cache/hook-test}
+python3 hack/test-os.py --cache "$CACHE"
+echo "==> linuxkit v1.8.2 from ../shared/linuxkit/src (python -m tasks.tools)" >&2
+mkdir -p "$CACHE/bin"
+lk=$(python3 -m tasks.tools linuxkit --src "$CACHE/linuxkit-src/linuxkit-v1.8.2" --cache "$CACHE/tools")
+ln -sfn "$lk" "$CACHE/bin/linuxkit"
 echo "==> ruff" >&2
 ruff check .
 echo "==> pytest" >&2

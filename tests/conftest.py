@@ -104,11 +104,11 @@ class Registry:
         )
 
 
-def _start_registry(root: Path, *, username: str | None, password: str | None) -> Registry:
+def _start_registry(root: Path, *, username: str | None, password: str | None, port: int | None = None) -> Registry:
     if not shutil.which("docker-registry"):
         pytest.fail(f"docker-registry not installed: {SETUP}")
     root.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     auth = ""
     if username is not None:
         htpasswd = subprocess.run(
@@ -133,11 +133,85 @@ def registry_factory(tmp_path: Path) -> Iterator[Callable[..., Registry]]:
     """Start registries for one test: registry_factory(username=..., password=...) adds htpasswd auth."""
     started: list[Registry] = []
 
-    def start(*, username: str | None = None, password: str | None = None) -> Registry:
-        reg = _start_registry(tmp_path / f"registry{len(started)}", username=username, password=password)
+    def start(*, username: str | None = None, password: str | None = None, port: int | None = None) -> Registry:
+        reg = _start_registry(tmp_path / f"registry{len(started)}", username=username, password=password, port=port)
         started.append(reg)
         return reg
 
     yield start
     for reg in started:
         reg.stop()
+
+
+# --- the real Hook OS: builds with the real LinuxKit, a registry holding the test tink-worker ------------
+
+#: A registry password with '=' and a space: the kernel cmdline, bootkit and docker must keep it whole.
+REGISTRY_USER = "hook"
+REGISTRY_PASSWORD = "pa=ss w0rd"
+
+
+@pytest.fixture(scope="session")
+def test_os(docker_engine: None) -> dict:
+    """The test OS manifest (hack/test-os.py); every image it names must be in the engine."""
+    from tests.pipeline_env import linuxkit_binary, test_os
+
+    try:
+        manifest = test_os()
+        linuxkit_binary()
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+    for ref in (manifest["kernel"], manifest["tink_worker"], manifest["python_slim"].format(arch="amd64"),
+                manifest["docker_base"].format(arch="amd64")):
+        if subprocess.run(["docker", "image", "inspect", ref], capture_output=True).returncode:
+            pytest.fail(f"test OS image {ref} missing: run hack/test-os.py")
+    return manifest
+
+
+@pytest.fixture(scope="session")
+def dev_project(tmp_path_factory: pytest.TempPathFactory, test_os: dict):  # noqa: ANN201 - Project
+    """One project built with `doit dev_dist` from clean with the real LinuxKit: shared by the
+    pipeline tests (which copy it before they change it) and the boot tests."""
+    from tests.pipeline_env import make_project
+
+    project = make_project(tmp_path_factory.mktemp("dev") / "hook")
+    project.doit("dev_dist")
+    return project
+
+
+@pytest.fixture(scope="session")
+def ssh_keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two ed25519 key pairs: `good` goes into the debug image, `other` must be refused."""
+    folder = tmp_path_factory.mktemp("ssh")
+    keys = {}
+    for name in ("good", "other"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"{name}@hook-test",
+                        "-f", str(folder / name)], check=True)
+        keys[name] = folder / name
+    return keys
+
+
+@pytest.fixture(scope="session")
+def debug_project(tmp_path_factory: pytest.TempPathFactory, test_os: dict, ssh_keys: dict[str, Path]):  # noqa: ANN201
+    """A project built with `doit debug_image` and the `good` test key."""
+    from tests.pipeline_env import make_project
+
+    project = make_project(tmp_path_factory.mktemp("debug") / "hook")
+    project.doit("debug_image", f"ssh_keys={ssh_keys['good']}.pub")
+    return project
+
+
+@pytest.fixture
+def worker_registry(registry_factory: Callable[..., Registry], test_os: dict, tmp_path: Path) -> Registry:
+    """A registry with htpasswd auth holding the test tink-worker as hooktest/tink-worker:test."""
+    reg = registry_factory(username=REGISTRY_USER, password=REGISTRY_PASSWORD)
+    push_worker(reg, test_os, tmp_path / "docker-config")
+    return reg
+
+
+def push_worker(reg: Registry, test_os: dict, config: Path) -> str:
+    reg.login(config)
+    ref = f"{reg.addr}/hooktest/tink-worker:test"
+    env = {**os.environ, "DOCKER_CONFIG": str(config)}
+    subprocess.run(["docker", "tag", test_os["tink_worker"], ref], check=True, capture_output=True)
+    subprocess.run(["docker", "push", ref], check=True, capture_output=True, env=env)
+    return ref

@@ -1,11 +1,15 @@
-"""A throw-away copy of the project, driven with the real `doit`, the real dockerd and the LinuxKit stand-in.
+"""A throw-away copy of the project, driven with the real `doit`, dockerd, buildx and LinuxKit v1.8.2.
 
-Used by the pipeline tests and bench/bench_incremental.py. The copy is a git repository of its own
-(committed with fixed names and dates), so version and SOURCE_DATE_EPOCH come from git as for a user.
+Used by the pipeline and boot tests and by bench/bench_incremental.py. The copy is a git repository
+of its own (committed with fixed names and dates), so version and SOURCE_DATE_EPOCH come from git as
+for a user. LinuxKit's package images and the kernel are the test OS's (hack/test-os.py: made from
+Debian parts and LinuxKit's own Go sources, named under hooktest/; read from its manifest).
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 import re
 import shutil
@@ -14,19 +18,20 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-STANDIN = "tests/linuxkit-standin"
+CACHE = Path(os.environ.get("HOOK_TEST_CACHE", "/var/cache/hook-test"))
+TEST_OS_MANIFEST = CACHE / "test-os.json"
+LINUXKIT = CACHE / "bin" / "linuxkit"
+SETUP = "run hack/test.sh (or hack/setup-test-machine.sh, then hack/test-os.py) first"
 CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 GIT_ENV = {
     "GIT_AUTHOR_NAME": "hook tests", "GIT_AUTHOR_EMAIL": "tests@hook.invalid",
     "GIT_COMMITTER_NAME": "hook tests", "GIT_COMMITTER_EMAIL": "tests@hook.invalid",
     "GIT_AUTHOR_DATE": "@1700000000 +0000", "GIT_COMMITTER_DATE": "@1700000000 +0000",
 }
-# Local names for LinuxKit's packages and the kernel: no registry to pull the real ones from here.
 LOCAL_ORG = "hooktest/tinkerbell"
-LOCAL_PKG_ORG = "hooktest/linuxkit"
-LOCAL_KERNEL = "hooktest/kernel:6.6.71"
 _EXECUTED = re.compile(r"^\.  (\S+)$", re.M)
 
 
@@ -95,8 +100,41 @@ class Project:
         return self.root / "out" / relative
 
 
+@functools.cache
+def test_os() -> dict[str, Any]:
+    """The test OS manifest (hack/test-os.py): the references of LinuxKit's packages, the kernel,
+    the base images and the test tink-worker, as made on this machine."""
+    try:
+        return json.loads(TEST_OS_MANIFEST.read_text())
+    except (OSError, ValueError):
+        raise RuntimeError(f"no test OS manifest at {TEST_OS_MANIFEST}: {SETUP}") from None
+
+
+def linuxkit_binary() -> Path:
+    """The real LinuxKit v1.8.2, built on this machine from ../shared/linuxkit/src."""
+    if not os.access(LINUXKIT, os.X_OK):
+        raise RuntimeError(f"no LinuxKit binary at {LINUXKIT}: {SETUP}")
+    return LINUXKIT
+
+
+def project_settings() -> dict[str, str]:
+    """The settings of a test build: the real LinuxKit, the test OS's packages and bases."""
+    manifest = test_os()
+    return {
+        "HOOK_ORG": LOCAL_ORG,
+        "HOOK_PKG_ORG": manifest["pkg_org"],
+        "HOOK_KERNEL": manifest["kernel"],
+        "HOOK_LINUXKIT": str(linuxkit_binary()),
+        "HOOK_BOOTKIT_BASE": manifest["python_slim"],
+        "HOOK_DOCKER_BASE": manifest["docker_base"],
+        "HOOK_BUILD_IMAGE": manifest["build_image"],
+        "HOOK_BUILD_CA": CA_BUNDLE,
+        "HOOK_BUILD_ARGS": "PYTHON_APK=",  # the Debian test bases have python3 already: no apk step
+    }
+
+
 def make_project(where: Path, *, env: dict[str, str] | None = None) -> Project:
-    """Copy the project to `where`, commit it, and set the settings for local test images."""
+    """Copy the project to `where`, commit it, and set the settings for the test OS."""
     where.mkdir(parents=True, exist_ok=True)
     for rel in project_files():
         target = where / rel
@@ -106,18 +144,13 @@ def make_project(where: Path, *, env: dict[str, str] | None = None) -> Project:
     git(where, "add", "-A")
     git(where, "commit", "-qm", "test copy")
     base_env = {k: v for k, v in os.environ.items() if not k.startswith(("HOOK_", "SOURCE_DATE_EPOCH"))}
-    settings = {
-        "HOOK_ORG": LOCAL_ORG,
-        "HOOK_PKG_ORG": LOCAL_PKG_ORG,
-        "HOOK_KERNEL": LOCAL_KERNEL,
-        "HOOK_LINUXKIT": str(ROOT / STANDIN),
-        "HOOK_BOOTKIT_BASE": "local/python-base:{arch}",
-        "HOOK_DOCKER_BASE": "local/python-base:{arch}",
-        "HOOK_BUILD_IMAGE": "local/python-base:amd64",
-        "HOOK_BUILD_CA": CA_BUNDLE,
-        "HOOK_BUILD_ARGS": "PYTHON_APK=",  # the Debian test base has python3 already: no apk step
-    }
-    return Project(where, {**base_env, **settings, **(env or {})})
+    return Project(where, {**base_env, **project_settings(), **(env or {})})
+
+
+def copy_out(source: Project, target: Project) -> None:
+    """Give target a copy of source's out/ (doit state included): a build that is already done."""
+    shutil.rmtree(target.root / "out", ignore_errors=True)
+    subprocess.run(["cp", "-a", str(source.root / "out"), str(target.root / "out")], check=True)
 
 
 def linuxkit_package_refs(pkg_org: str, kernel: str) -> list[str]:
@@ -132,11 +165,3 @@ def linuxkit_package_refs(pkg_org: str, kernel: str) -> list[str]:
         config = linuxkit.parse(linuxkit.render(ROOT / "linuxkit" / name, values), name)
         refs += [r for r in linuxkit.images_of(config) if not r.startswith("x/")]
     return sorted(set(refs))
-
-
-def tag_local_packages(arch: str = "amd64") -> list[str]:
-    """Stand-ins for LinuxKit's package images in the local engine (busybox images, renamed)."""
-    refs = linuxkit_package_refs(LOCAL_PKG_ORG, LOCAL_KERNEL)
-    for ref in refs:
-        subprocess.run(["docker", "tag", f"local/busybox:{arch}", ref], check=True, capture_output=True)
-    return refs

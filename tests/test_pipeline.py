@@ -1,79 +1,63 @@
-"""The whole graph, driven with `doit` itself: real dockerd and buildx, the LinuxKit stand-in, QEMU.
-
-LinuxKit cannot run here; `tests/linuxkit-standin` accepts exactly its v1.8.2 CLI, validates the
-config against its schema, checks the images exist, and writes a real kernel and initrd.
-"""
+"""The whole graph, driven with `doit` itself: real dockerd and buildx, the real LinuxKit v1.8.2 and
+the test OS's packages (hack/test-os.py). What the OS does when it boots: tests/test_boot.py."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
+import sys
 import tarfile
-from collections.abc import Iterator
+import time
 from pathlib import Path
 
 import pytest
 
 from tasks.arch import Arch
-from tests.pipeline_env import Project, make_project, tag_local_packages
+from tests.pipeline_env import Project, copy_out, make_project
 
 pytestmark = pytest.mark.slow
 ARCH = Arch.native()
 BOOTKIT_FILE = "containers/hook-bootkit/Dockerfile"
 
 
-@pytest.fixture(scope="module")
-def local_packages(docker_engine: None, base_images: dict[str, str]) -> Iterator[list[str]]:
-    refs = tag_local_packages(ARCH.docker)
-    yield refs
-    subprocess.run(["docker", "rmi", *refs], capture_output=True)
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory, local_packages: list[str]) -> Project:
-    """One project built with `doit dev_dist` from clean; tests that change it make their own copy."""
-    project = make_project(tmp_path_factory.mktemp("built") / "hook")
-    first = project.doit("dev_dist")
-    assert f"image_load:hook-bootkit-{ARCH}" in first.executed
-    assert f"linuxkit:dev-{ARCH}" in first.executed
-    assert "package:dev" in first.executed
-    return project
-
-
 def _checksums(project: Project, build: str = "dev") -> str:
     return project.out(f"dist/{build}/checksum.txt").read_text()
 
 
-def test_dev_dist_outputs(built: Project) -> None:
-    dist = built.out("dist/dev")
-    version = subprocess.run(["git", "-C", str(built.root), "rev-parse", "--short", "HEAD"],
+def _copy(built: Project, where: Path, **env: str) -> Project:
+    project = make_project(where, env=env or None)
+    copy_out(built, project)
+    return project
+
+
+def test_dev_dist_outputs(dev_project: Project, test_os: dict) -> None:
+    dist = dev_project.out("dist/dev")
+    version = subprocess.run(["git", "-C", str(dev_project.root), "rev-parse", "--short", "HEAD"],
                              capture_output=True, text=True, check=True).stdout.strip()
     assert sorted(p.name for p in dist.iterdir()) == sorted(
         ["checksum.txt", f"hook-{version}.tar.gz", f"hook_{ARCH}.tar.gz"])
     subprocess.run(["sha512sum", "-c", "checksum.txt"], cwd=dist, check=True, capture_output=True)
     with tarfile.open(dist / f"hook_{ARCH}.tar.gz") as tar:
         assert tar.getnames() == [f"./initramfs-{ARCH}", f"./vmlinuz-{ARCH}"]
-    rendered = built.out(f"linuxkit/dev/{ARCH}/hook.yaml").read_text()
+    rendered = dev_project.out(f"linuxkit/dev/{ARCH}/hook.yaml").read_text()
     assert "hooktest/tinkerbell/hook-bootkit:" in rendered and f"-{ARCH.docker}\n" in rendered
+    assert f"image: {test_os['kernel']}\n" in rendered
+    # what the real LinuxKit made: our services and the kernel's modules are in the initramfs
+    initramfs = dev_project.out(f"dev/{ARCH}/initramfs-{ARCH}")
+    listing = subprocess.run([sys.executable, "-m", "tasks.initramfs", "list", str(initramfs)],
+                             cwd=dev_project.root, capture_output=True, text=True, check=True).stdout
+    for path in ("containers/services/hook-docker/config.json", "containers/services/hook-bootkit/config.json",
+                 "usr/bin/containerd", "etc/motd"):
+        assert path in listing
 
 
-def test_noop_rebuild_executes_nothing(built: Project) -> None:
-    again = built.doit("dev_dist")
+def test_noop_rebuild_executes_nothing(dev_project: Project) -> None:
+    again = dev_project.doit("dev_dist")
     assert again.executed == []
 
 
-def test_packaged_image_boots_in_qemu(built: Project, tmp_path: Path) -> None:
-    with tarfile.open(built.out(f"dist/dev/hook_{ARCH}.tar.gz")) as tar:
-        tar.extractall(tmp_path, filter="data")
-    for name in (f"vmlinuz-{ARCH}", f"initramfs-{ARCH}"):  # `doit boot` boots exactly what is packaged
-        assert (tmp_path / name).read_bytes() == built.out(f"dev/{ARCH}/{name}").read_bytes()
-    result = built.doit("boot", "--build", "dev", "--expect", "HOOK-STANDIN-INIT: booted", "--timeout", "240")
-    assert "saw 'HOOK-STANDIN-INIT: booted' on the console" in result.stderr
-
-
-def test_one_file_change_rebuilds_only_what_it_touches(built: Project, tmp_path: Path) -> None:
-    project = make_project(tmp_path / "hook")
-    project.out("").parent.mkdir(exist_ok=True)
-    subprocess.run(["cp", "-a", str(built.root / "out"), str(project.root / "out")], check=True)
+def test_one_file_change_rebuilds_only_what_it_touches(dev_project: Project, tmp_path: Path) -> None:
+    project = _copy(dev_project, tmp_path / "hook")
     assert project.doit("dev_dist").executed == []  # a copied out/ with the same inputs is current
 
     project.edit(BOOTKIT_FILE, "\n# a comment: the image's content hash changes\n")
@@ -96,16 +80,41 @@ def test_one_file_change_rebuilds_only_what_it_touches(built: Project, tmp_path:
     assert project.doit("dev_dist").executed == [f"linuxkit:dev-{ARCH}"]
 
 
-def test_reproducible_from_two_clean_copies(built: Project, tmp_path: Path) -> None:
+def test_changed_base_image_rebuilds_the_images_built_on_it(dev_project: Project, test_os: dict,
+                                                            tmp_path: Path) -> None:
+    """A base re-tagged to other content under the same name: hook-docker (built on it) is rebuilt,
+    hook-bootkit (another base) is not; with the base as before, nothing runs."""
+    base = f"hooktest/moving-base:{ARCH.docker}"
+    original = test_os["docker_base"].format(arch=ARCH.docker)
+    subprocess.run(["docker", "tag", original, base], check=True)
+    try:
+        project = _copy(dev_project, tmp_path / "hook", HOOK_DOCKER_BASE="hooktest/moving-base:{arch}")
+        first = project.doit("dev_dist")
+        assert f"image_load:hook-docker-{ARCH}" in first.executed
+        assert f"image_load:hook-bootkit-{ARCH}" not in first.executed
+        assert project.doit("dev_dist").executed == []
+
+        (tmp_path / "ctx").mkdir()
+        (tmp_path / "ctx" / "Dockerfile").write_text(f"FROM {original}\nLABEL hook.test=moved\n")
+        subprocess.run(["docker", "build", "-q", "-t", base, str(tmp_path / "ctx")], check=True, capture_output=True)
+        moved = project.doit("dev_dist")
+        assert sorted(moved.executed) == sorted(
+            [f"image_load:hook-docker-{ARCH}", f"linuxkit:dev-{ARCH}", "package:dev"])
+        assert "docker buildx build" in moved.stderr  # really rebuilt, under a new tag
+        assert project.doit("dev_dist").executed == []
+    finally:
+        subprocess.run(["docker", "rmi", base], capture_output=True)
+
+
+def test_reproducible_from_two_clean_copies(dev_project: Project, tmp_path: Path) -> None:
     other = make_project(tmp_path / "elsewhere" / "hook-copy")
     result = other.doit("dev_dist")
     assert "is in the local engine already: not rebuilt" in result.stderr
-    assert _checksums(other) == _checksums(built)
+    assert _checksums(other) == _checksums(dev_project)
 
 
-def test_convert_alone_remakes_a_broken_initramfs(built: Project, tmp_path: Path) -> None:
-    project = make_project(tmp_path / "hook")
-    subprocess.run(["cp", "-a", str(built.root / "out"), str(project.root / "out")], check=True)
+def test_convert_alone_remakes_a_broken_initramfs(dev_project: Project, tmp_path: Path) -> None:
+    project = _copy(dev_project, tmp_path / "hook")
     initramfs = project.out(f"dev/{ARCH}/initramfs-{ARCH}")
     good = initramfs.read_bytes()
     assert project.doit("convert").executed == []
@@ -123,17 +132,73 @@ def _initramfs_file(initramfs: Path, member: str) -> bytes:
     return done.stdout
 
 
-def test_debug_image_adds_sshd_and_the_users_keys(built: Project, tmp_path: Path) -> None:
-    key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHookTestKeyHookTestKeyHookTestKey00 tester@hook"
-    (tmp_path / "keys").mkdir()
-    (tmp_path / "keys" / "id_test.pub").write_text(key + "\n")
-    project = make_project(tmp_path / "hook")
-    result = project.doit("debug_image", f"ssh_keys={tmp_path}/keys/*.pub")
-    assert "package:debug" in result.executed
-    assert not any(name.startswith("image_push") for name in result.executed)
-    dist = project.out("dist/debug")
+def test_debug_image_adds_sshd_and_the_users_keys(debug_project: Project, ssh_keys: dict[str, Path]) -> None:
+    dist = debug_project.out("dist/debug")
     assert (dist / f"hook-debug_{ARCH}.tar.gz").is_file()
     subprocess.run(["sha512sum", "-c", "checksum.txt"], cwd=dist, check=True, capture_output=True)
-    initramfs = project.out(f"debug/{ARCH}/initramfs-{ARCH}")
+    initramfs = debug_project.out(f"debug/{ARCH}/initramfs-{ARCH}")
+    key = Path(f"{ssh_keys['good']}.pub").read_text().strip()
     assert _initramfs_file(initramfs, "root/.ssh/authorized_keys").decode().strip() == key
-    assert b"sshd:" in _initramfs_file(initramfs, "containers/services/sshd/image")
+    assert _initramfs_file(initramfs, "containers/services/sshd/config.json")
+
+
+# --- interrupts: the real tools are stopped, nothing half-made stays, the next run redoes the task ----
+
+
+def _processes_under(root: Path) -> list[str]:
+    """Command lines of live processes that name a path inside root (our tools run with it)."""
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            argv = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if str(root) in argv and "pytest" not in argv:
+            found.append(argv.strip())
+    return found
+
+
+def _interrupt_when(project: Project, seen: str, sig: int, *, timeout: float = 600) -> tuple[int, str]:
+    """Run `doit dev_dist`, send sig when `seen` shows in its output; return (exit code, output)."""
+    log = project.root / "doit.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "doit", "dev_dist"], cwd=project.root, env=project.env,
+                                stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + timeout
+    while seen not in log.read_text(errors="replace"):
+        assert proc.poll() is None, f"doit ended before {seen!r}:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"no {seen!r} after {timeout}s"
+        time.sleep(0.2)
+    time.sleep(1.5)  # let the tool get going
+    proc.send_signal(sig)
+    code = proc.wait(120)
+    return code, log.read_text(errors="replace")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_interrupted_linuxkit_build_is_stopped_and_redone(dev_project: Project, tmp_path: Path, sig: int) -> None:
+    project = _copy(dev_project, tmp_path / "hook")
+    project.replace("linuxkit/hook.yaml", "Welcome to HookOS", "Welcome to the interrupted HookOS")
+    code, output = _interrupt_when(project, "linuxkit build --format", sig)
+    assert code != 0
+    assert f"hook: linuxkit:dev-{ARCH} failed: interrupted" in output, output[-3000:]
+    assert "Traceback" not in output
+    time.sleep(0.5)
+    assert _processes_under(project.root) == []  # linuxkit stopped with doit
+    assert not list(project.out(f"linuxkit/dev/{ARCH}").glob(".linuxkit-*"))
+    again = project.doit("dev_dist")
+    assert f"linuxkit:dev-{ARCH}" in again.executed
+    assert "Welcome to the interrupted HookOS" in _initramfs_file(project.out(f"dev/{ARCH}/initramfs-{ARCH}"),
+                                                                    "etc/motd").decode()
+
+
+def test_interrupted_image_build_is_stopped_and_redone(dev_project: Project, tmp_path: Path) -> None:
+    project = _copy(dev_project, tmp_path / "hook")
+    project.edit("containers/hook-bootkit/hook_bootkit.py", "\n# interrupted build\n")
+    code, output = _interrupt_when(project, "building hooktest/tinkerbell/hook-bootkit", signal.SIGTERM)
+    assert code != 0
+    assert f"hook: image_load:hook-bootkit-{ARCH} failed: interrupted (stopped docker" in output, output[-3000:]
+    time.sleep(0.5)
+    assert _processes_under(project.root) == []  # docker buildx stopped with doit
+    again = project.doit("dev_dist")
+    assert f"image_load:hook-bootkit-{ARCH}" in again.executed
