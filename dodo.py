@@ -13,7 +13,7 @@ from doit.exceptions import TaskFailed
 from doit.task import clean_targets
 from doit.tools import config_changed
 
-from tasks import images, pipeline
+from tasks import images, iso, pipeline
 from tasks.arch import Arch
 from tasks.bases import BaseResolver
 from tasks.config import SETTINGS, load_settings
@@ -49,6 +49,7 @@ LOCAL_ARCHES = tuple(dict.fromkeys(DEV.arches(S) + DEBUG.arches(S)))
 # Our code that shapes an output is an input of it: a fixed convert engine re-makes the initramfs.
 OS_CODE = [S.root / "tasks" / name for name in ("linuxkit.py", "initramfs.py", "cpio.py")]
 PACKAGE_CODE = [S.root / "tasks" / "package.py"]
+ISO_CODE = [S.root / "tasks" / "iso.py"]
 
 
 def _relative(paths: list) -> list[str]:
@@ -160,14 +161,58 @@ def task_debug_image():
     return {"actions": None, "task_dep": ["package:debug"]}
 
 
-def task_boot():
-    """Boot a build under QEMU: doit boot [--build dev] [--cmdline '...'] [--expect MARKER]."""
+def task_iso_tools():
+    """Build the ISO tools image (containers/hook-iso: GRUB, xorriso, mtools) into the local engine."""
+    record = iso.tool_record(S)
+    return {
+        "file_dep": _relative(iso.tool_files(S.root)),
+        "targets": _relative([record]),
+        "uptodate": [lambda: iso.tool_is_current(S, record, BASES)],
+        "actions": [action(iso.build_tool, S, record, BASES)],
+        "clean": True,
+    }
 
-    def boot(build: str, arch: str, cmdline: str, memory: int, accel: str, expect: str, timeout: float):
+
+def _iso_tasks(build: pipeline.Build):
+    for arch in build.arches(S):
+        record = iso.iso_record(S, build, arch)
+        yield {
+            "name": str(arch),
+            "file_dep": _relative([*pipeline.boot_files(S, build, arch), iso.tool_record(S), *ISO_CODE]),
+            "targets": _relative([iso.iso_path(S, build, arch), record]),
+            "task_dep": [f"package:{build.name}"],  # both write checksum.txt: one after the other
+            "uptodate": [config_changed(iso.iso_config(S, arch)),
+                         lambda build=build, arch=arch: iso.iso_is_current(S, build, arch)],
+            "actions": [action(iso.make_iso, S, build, arch, record)],
+            "clean": [clean_targets, (iso.clean_iso, (S, build, arch))],
+        }
+
+
+def task_iso():
+    """Hybrid ISO (BIOS+UEFI) of the dev build: out/dist/dev/hook-<arch>.iso, cmdline from iso_cmdline."""
+    yield from _iso_tasks(DEV)
+
+
+def task_dist_iso():
+    """Hybrid ISO of the release build, every arch: out/dist/release/hook-<arch>.iso."""
+    yield from _iso_tasks(RELEASE)
+
+
+def task_debug_iso():
+    """Hybrid ISO of the debug build: out/dist/debug/hook-debug-<arch>.iso."""
+    yield from _iso_tasks(DEBUG)
+
+
+def task_boot():
+    """Boot a build under QEMU: doit boot [--build dev] [--cmdline ...] [--registry 127.0.0.1:5000] [--expect TEXT]."""
+
+    def boot(build: str, arch: str, cmdline: str, memory: int, accel: str, expect: str, timeout: float,
+             registry: str, ssh: int, net: str, smp: int):
         try:
             chosen = pipeline.get_build(build)
             pipeline.boot_build(S, chosen, Arch.parse(arch) if arch else chosen.arches(S)[0], cmdline=cmdline,
-                                memory_mb=memory, accel=accel, expect=expect, timeout=timeout)
+                                memory_mb=memory, accel=accel, expect=expect, timeout=timeout, registry=registry,
+                                ssh_port=ssh, net=net, smp=smp)
         except HookError as exc:
             return TaskFailed(str(exc))
         return None
@@ -177,8 +222,17 @@ def task_boot():
         "params": [
             {"name": "build", "long": "build", "default": "dev", "help": "release, dev or debug"},
             {"name": "arch", "long": "arch", "default": "", "help": "x86_64 or aarch64 (default: the build's first)"},
-            {"name": "cmdline", "long": "cmdline", "default": "console=ttyS0 panic=-1", "help": "kernel cmdline"},
+            {"name": "cmdline", "long": "cmdline", "default": "console=tty0 console=ttyS0",
+             "help": "kernel cmdline (the Tinkerbell keys); {registry} is --registry as the guest sees it; "
+                     "console=<serial> is added last unless the last console= is the serial port"},
+            {"name": "registry", "long": "registry", "default": "",
+             "help": "a registry on this machine (127.0.0.1:PORT) the guest reaches as 10.0.2.100:5000"},
+            {"name": "ssh", "long": "ssh", "type": int, "default": 0,
+             "help": "forward 127.0.0.1:SSH on this machine to the guest's port 22 (debug builds)"},
+            {"name": "net", "long": "net", "default": "user",
+             "help": "user (QEMU user net, restrict=on: only the forwards) or none (no NIC)"},
             {"name": "memory", "long": "memory", "type": int, "default": 2048, "help": "MiB of guest memory"},
+            {"name": "smp", "long": "smp", "type": int, "default": 2, "help": "guest CPUs"},
             {"name": "accel", "long": "accel", "default": "auto", "help": "auto, tcg or kvm"},
             {"name": "expect", "long": "expect", "default": "",
              "help": "wait for this text on the console, then stop (default: interactive)"},

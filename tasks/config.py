@@ -15,6 +15,7 @@ from pathlib import Path
 
 from tasks.arch import Arch
 from tasks.errors import HookError
+from tasks.iso import check_cmdline
 from tasks.tools import DEFAULT_LINUXKIT_URL, default_cache_dir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,6 +60,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("build_image", "", "BUILD_IMAGE build arg (build-platform python+pip stage); empty: Dockerfile's"),
     Setting("build_args", "", "more build args for every image: KEY=VALUE,KEY=VALUE ({arch} expanded)"),
     Setting("build_ca", "", "CA bundle passed to image builds as secret 'ca' (for pip behind a TLS proxy)"),
+    Setting("iso_cmdline", "console=tty0 console={serial}",
+            "the ISO's built-in kernel cmdline (Tinkerbell keys; {serial} = ttyS0/ttyAMA0); patchable later"),
+    Setting("iso_base", "", "hook-iso (ISO tools) BASE_IMAGE build arg, a Debian with apt; empty: Dockerfile's"),
 )
 SETTING_NAMES = frozenset(s.name for s in SETTINGS)
 
@@ -86,6 +90,8 @@ class Settings:
     build_image: str
     build_args: Mapping[str, str] = field(default_factory=dict)
     build_ca: Path | None = None
+    iso_cmdline: str = "console=tty0 console={serial}"
+    iso_base: str = ""
     root: Path = ROOT
 
     @property
@@ -195,6 +201,12 @@ def load_settings(
     if build_ca and not build_ca.is_file():
         raise HookError(f"setting build_ca={build_ca_text!r}: no such file")
 
+    iso_cmdline, iso_base = get("iso_cmdline"), get("iso_base")
+    try:
+        check_cmdline(iso_cmdline)
+    except HookError as exc:
+        raise HookError(f"setting iso_cmdline: {exc}") from None
+
     bases = {}
     for name in ("bootkit_base", "docker_base", "build_image"):
         value = get(name)
@@ -217,6 +229,8 @@ def load_settings(
         compression=compression,
         build_args=_parse_build_args(get("build_args")),
         build_ca=build_ca,
+        iso_cmdline=iso_cmdline,
+        iso_base=_check("iso_base", iso_base, _REF, "an image reference") if iso_base else "",
         root=root,
         **bases,
     )

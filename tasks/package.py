@@ -42,13 +42,34 @@ def sha512(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_checksums(path: Path, files: Sequence[Path]) -> None:
-    """`sha512sum -c` compatible: '<hex>  <name>' lines, names relative to path's folder."""
-    lines = io.StringIO()
-    for file in sorted(files, key=lambda p: p.name):
-        lines.write(f"{sha512(file)}  {file.name}\n")
+def update_checksums(folder: Path, digests: dict[str, str | None]) -> None:
+    """Set (a digest) or remove (None) lines of folder/checksum.txt, keeping the other lines whose
+    files are still there: `sha512sum -c` compatible '<hex>  <name>' lines, sorted by name.
+
+    The tarballs (package) and the ISOs (tasks.iso) are made by different tasks into one folder.
+    """
+    path = folder / "checksum.txt"
+    lines: dict[str, str] = {}
+    try:
+        for line in path.read_text().splitlines():
+            hexdigest, sep, name = line.partition("  ")
+            if sep and name not in digests and (folder / name).is_file():
+                lines[name] = hexdigest
+    except FileNotFoundError:
+        pass
+    lines.update({name: digest for name, digest in digests.items() if digest is not None})
+    if not lines and not path.exists():
+        return
+    text = io.StringIO()
+    for name in sorted(lines):
+        text.write(f"{lines[name]}  {name}\n")
     with atomic_writer(path) as handle:
-        handle.write(lines.getvalue().encode())
+        handle.write(text.getvalue().encode())
+
+
+def write_checksums(path: Path, files: Sequence[Path]) -> None:
+    """Set the lines of files in path (checksum.txt), keeping lines of other files still there."""
+    update_checksums(path.parent, {file.name: sha512(file) for file in files})
 
 
 def package(
@@ -77,8 +98,7 @@ def package(
     write_tarball(combined, [m for members in per_arch.values() for m in members], mtime=mtime)
     made.append(combined)
     keep = {p.name for p in made}
-    for stale in dist.glob(f"{prefix}-*.tar.gz"):
-        if stale.name not in keep:
-            remove(stale)
-    write_checksums(dist / "checksum.txt", made)
+    stale = [p for p in dist.glob(f"{prefix}-*.tar.gz") if p.name not in keep]
+    remove(*stale)
+    update_checksums(dist, {**{p.name: sha512(p) for p in made}, **{p.name: None for p in stale}})
     return made

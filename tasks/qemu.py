@@ -173,8 +173,8 @@ def console_cmdline(cmdline: str, arch: Arch) -> str:
 
 def qemu_argv(
     qemu: str,
-    kernel: Path,
-    initrd: Path,
+    kernel: Path | None,
+    initrd: Path | None,
     *,
     arch: Arch,
     cmdline: str,
@@ -184,7 +184,11 @@ def qemu_argv(
     nics: Sequence[Nic] | None = None,
     extra: Sequence[str] = (),
 ) -> list[str]:
-    """The qemu command line. nics=None: QEMU's default NIC is disabled too (`-nic none`)."""
+    """The qemu command line. nics=None: QEMU's default NIC is disabled too (`-nic none`).
+
+    kernel=None: no -kernel/-initrd/-append; the firmware boots what `extra` gives it (-cdrom, -drive,
+    -bios for OVMF), and the boot loader on that medium makes the kernel's command line.
+    """
     argv = [qemu]
     if arch is Arch.AARCH64:
         argv += ["-M", "virt", "-cpu", "host" if accel == "kvm" else "cortex-a57"]
@@ -196,10 +200,11 @@ def qemu_argv(
         "-smp", str(smp),
         "-nographic",
         "-no-reboot",
-        "-kernel", os.fspath(kernel),
-        "-initrd", os.fspath(initrd),
-        "-append", arch_cmdline(cmdline, arch),
     ]  # fmt: skip
+    if kernel is not None:
+        argv += ["-kernel", os.fspath(kernel)]
+        argv += ["-initrd", os.fspath(initrd)] if initrd is not None else []
+        argv += ["-append", arch_cmdline(cmdline, arch)]
     if not nics:
         argv += ["-nic", "none"]
     else:
@@ -213,9 +218,9 @@ def _argv(qemu: str, kernel: Path, initrd: Path, *, arch: Arch, cmdline: str, me
     return qemu_argv(qemu, kernel, initrd, arch=arch, cmdline=cmdline, memory_mb=memory_mb, accel=accel)
 
 
-def _check_inputs(kernel: Path, initrd: Path, memory_mb: int) -> None:
+def _check_inputs(kernel: Path | None, initrd: Path | None, memory_mb: int) -> None:
     for what, path in (("kernel", kernel), ("initramfs", initrd)):
-        if not Path(path).is_file():
+        if path is not None and not Path(path).is_file():
             raise HookError(f"cannot boot: {what} {path} does not exist (build it first)")
     if memory_mb < 64:
         raise HookError(f"cannot boot with {memory_mb} MiB: give qemu at least 64")
@@ -271,13 +276,14 @@ class Guest:
 
     Use as a context manager (QEMU is stopped on exit). The console is kept in memory, written to
     `log` as it comes, and echoed to stderr with `echo=True`. `milestones` maps each of
-    `milestone_patterns` to the seconds after start it first showed.
+    `milestone_patterns` to the seconds after start it first showed. With kernel=None (and initrd=None)
+    QEMU's firmware boots the media `extra` names (e.g. `-cdrom ISO`, `-bios OVMF.fd`); cmdline is unused.
     """
 
     def __init__(
         self,
-        kernel: Path,
-        initrd: Path,
+        kernel: Path | None,
+        initrd: Path | None,
         *,
         arch: Arch = Arch.X86_64,
         cmdline: str = DEFAULT_CMDLINE,
