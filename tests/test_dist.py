@@ -1,4 +1,5 @@
-"""`doit dist` against a real local registry with htpasswd auth: per-arch pushes, multi-arch indexes."""
+"""`doit dist` against a real local registry with htpasswd auth: per-arch pushes, multi-arch indexes,
+and the real LinuxKit pulling every image of the release build from that registry (--mirror)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Registry
-from tests.pipeline_env import Project, linuxkit_package_refs, make_project
+from tests.pipeline_env import Project, linuxkit_package_refs, make_project, test_os
 
 pytestmark = pytest.mark.slow
 PASSWORD = "s3cr=t pass"
@@ -24,27 +25,36 @@ def _docker(*args: str, config: Path) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture
-def registry(registry_factory, tmp_path: Path, base_images: dict[str, str]) -> tuple[Registry, Path]:  # noqa: ANN001
-    """A registry with auth, logged in, holding multi-arch stand-ins of LinuxKit's packages."""
+def registry(registry_factory, tmp_path: Path, test_os: dict) -> tuple[Registry, Path]:  # noqa: ANN001
+    """A registry with auth, logged in, holding the test OS's packages and kernel as multi-arch indexes.
+
+    The arm64 halves are the test OS's arm64-labelled copies (amd64 content: nothing arm64 boots here).
+    """
     reg = registry_factory(username="hook", password=PASSWORD)
     config = tmp_path / "docker-config"
     reg.login(config)
-    sources = []
-    for arch in ("amd64", "arm64"):
-        ref = f"{reg.addr}/linuxkit/busybox:{arch}"
-        _docker("tag", f"local/busybox:{arch}", ref, config=config)
-        _docker("push", ref, config=config)
-        sources.append(ref)
-    for ref in linuxkit_package_refs(f"{reg.addr}/linuxkit", f"{reg.addr}/linuxkit/kernel:6.6.71"):
-        _docker("buildx", "imagetools", "create", "-t", ref, *sources, config=config)
+    local_refs = linuxkit_package_refs(test_os["pkg_org"], test_os["kernel"])
+    for local in local_refs:
+        remote = _remote(reg, local)
+        sources = []
+        for arch in ("amd64", "arm64"):
+            _docker("tag", f"{local}-{arch}", f"{remote}-{arch}", config=config)
+            _docker("push", f"{remote}-{arch}", config=config)
+            sources.append(f"{remote}-{arch}")
+        _docker("buildx", "imagetools", "create", "-t", remote, *sources, config=config)
     return reg, config
+
+
+def _remote(reg: Registry, local: str) -> str:
+    """hooktest/linuxkit/init:TAG -> <registry>/linuxkit/init:TAG; hooktest/kernel:V -> <registry>/linuxkit/kernel:V."""
+    return f"{reg.addr}/linuxkit/{local.rsplit('/', 1)[1]}"
 
 
 def _project(tmp_path: Path, reg: Registry, config: Path) -> Project:
     return make_project(tmp_path / "hook", env={
         "HOOK_ORG": f"{reg.addr}/hooktest",
         "HOOK_PKG_ORG": f"{reg.addr}/linuxkit",
-        "HOOK_KERNEL": f"{reg.addr}/linuxkit/kernel:6.6.71",
+        "HOOK_KERNEL": _remote(reg, test_os()["kernel"]),
         "DOCKER_CONFIG": str(config),
     })
 
@@ -69,6 +79,9 @@ def test_dist_pushes_multi_arch_indexes_and_packages_every_arch(
         assert f"{reg.addr}/hooktest/{image}:" in index
     rendered = project.out("linuxkit/release/aarch64/hook.yaml").read_text()
     assert f"image: {index}\n" in rendered  # the index, not a per-arch tag
+    # the real LinuxKit took every image from this registry (not Docker Hub), with our credentials
+    assert f"--mirror {reg.addr}=http://{reg.addr}" in result.stderr
+    assert "index.docker.io" not in result.output
 
     dist = project.out("dist/release")
     subprocess.run(["sha512sum", "-c", "checksum.txt"], cwd=dist, check=True, capture_output=True)

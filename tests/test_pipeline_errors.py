@@ -9,20 +9,22 @@ from pathlib import Path
 import pytest
 
 from tasks.arch import Arch
-from tests.pipeline_env import Project, make_project, tag_local_packages
+from tests.pipeline_env import Project, copy_out, make_project
 
 pytestmark = pytest.mark.slow
 ARCH = Arch.native()
-
-
-@pytest.fixture(scope="module")
-def local_packages(docker_engine: None, base_images: dict[str, str]) -> list[str]:
-    return tag_local_packages(ARCH.docker)
+BOOTKIT_FILE = "containers/hook-bootkit/Dockerfile"
 
 
 @pytest.fixture
-def project(tmp_path: Path, local_packages: list[str]) -> Project:
-    return make_project(tmp_path / "hook")
+def project(tmp_path: Path, dev_project: Project) -> Project:
+    """A copy of the built dev project whose OS is stale (hook.yaml changed): the next build runs linuxkit."""
+    copy = make_project(tmp_path / "hook")
+    copy_out(dev_project, copy)
+    copy.replace("linuxkit/hook.yaml", "Welcome to HookOS", "Welcome to a changed HookOS")
+    for path in (copy.out(f"dist/dev/hook_{ARCH}.tar.gz"), copy.out(f"dev/{ARCH}/initramfs-{ARCH}")):
+        path.unlink()
+    return copy
 
 
 def _failure(result) -> str:  # noqa: ANN001 - DoitResult
@@ -42,7 +44,8 @@ def test_unknown_setting_value_stops_before_any_work(project: Project) -> None:
     result = project.doit("dev_dist", "compression=lz4", check=False)
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1] == "hook: setting compression='lz4' is not one of gzip, zstd"
-    assert not project.out("images").exists()
+    assert result.executed == []
+    assert not project.out(f"linuxkit/dev/{ARCH}/.linuxkit-*").parent.glob(".linuxkit-*")
 
 
 def test_unknown_setting_name_is_refused(project: Project) -> None:
@@ -71,12 +74,16 @@ def test_linuxkit_missing(project: Project) -> None:
 
 
 def test_linuxkit_failing_leaves_nothing_finished(project: Project) -> None:
-    result = project.doit("dev_dist", check=False, extra_env={"HOOK_STANDIN_FAIL": "simulated failure"})
+    """The real LinuxKit fails on a package image that neither the engine nor a registry has."""
+    initrd = project.out(f"linuxkit/dev/{ARCH}/hook-initrd.img")
+    before = initrd.read_bytes()
+    result = project.doit("dev_dist", "pkg_org=hooktest/no-such-org", check=False)
     assert result.returncode != 0
     line = _failure(result)
-    assert "linuxkit build failed (exit 1)" in line and "simulated failure" in line
+    assert "linuxkit build failed (exit 1)" in line and "hooktest/no-such-org/init:" in line, line
+    assert "try: check the image names in the config" in line
     _no_finished_outputs(project)
-    assert not project.out(f"linuxkit/dev/{ARCH}/hook-initrd.img").exists()
+    assert initrd.read_bytes() == before  # the last good output was not touched
 
 
 def test_docker_not_running(project: Project, tmp_path: Path) -> None:
@@ -94,6 +101,7 @@ def test_buildx_missing(project: Project, tmp_path: Path) -> None:
     fake.write_text(f'#!/bin/sh\nif [ "$1" = buildx ]; then echo "docker: \'buildx\' is not a docker command." >&2;'
                     f' exit 1; fi\nexec {real} "$@"\n')
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    project.edit(BOOTKIT_FILE, "\n# changed: the image must be built\n")
     result = project.doit("dev_dist", check=False,
                           extra_env={"PATH": f"{fake.parent}:{os.environ['PATH']}"})
     assert result.returncode != 0
@@ -108,6 +116,7 @@ def test_debug_image_without_ssh_key(project: Project, tmp_path: Path) -> None:
 
 
 def test_unknown_buildx_builder(project: Project) -> None:
+    project.edit(BOOTKIT_FILE, "\n# changed: the image must be built\n")
     result = project.doit("dev_dist", "builder=no-such-builder", check=False)
     assert result.returncode != 0
     assert "buildx builder 'no-such-builder' not found: `docker buildx ls` lists them" in _failure(result)
