@@ -58,7 +58,8 @@ GUEST_SERVICE_IP = "10.0.2.100"
 HOOK_MILESTONES: tuple[tuple[str, str], ...] = (
     ("kernel", r"Linux version \d"),
     ("/init runs (initramfs unpacked)", r"Run /init as init process"),
-    ("LinuxKit init (root copied)", r"Welcome to LinuxKit"),
+    # LinuxKit's init prints /etc/issue; the debug image has its own
+    ("LinuxKit init (root copied)", r"Welcome to LinuxKit|HookOS debug image"),
     ("containerd", r"containerd successfully booted"),
     ("tink-worker", r"TINK-WORKER-RUNNING"),
 )

@@ -61,12 +61,12 @@ def test_daemon_config_merges_with_the_existing_one() -> None:
     existing = {"storage-driver": "vfs", "insecure-registries": ["a:1"], "debug": False,
                 "log-driver": "json-file", "log-opts": {"max-size": "10m"}}
     assert hook_docker.daemon_config(cfg, existing) == {
-        "storage-driver": "vfs", "debug": True, "insecure-registries": ["a:1", "b:1"],
+        "storage-driver": "vfs", "debug": False, "insecure-registries": ["a:1", "b:1"],
         "log-driver": "syslog", "log-opts": {"syslog-address": "udp://10.0.0.9:514"},
     }
     syslog = {"log-driver": "syslog", "log-opts": {"tag": "x", "syslog-address": "udp://old:514"}}
     assert hook_docker.daemon_config(cfg, syslog)["log-opts"] == {"tag": "x", "syslog-address": "udp://10.0.0.9:514"}
-    assert hook_docker.daemon_config(HookConfig(), {}) == {"debug": True}
+    assert hook_docker.daemon_config(HookConfig(), {}) == {}  # never debug: it logs request bodies
 
 
 def test_pem_is_checked() -> None:
@@ -213,8 +213,7 @@ def test_configures_restarts_and_stops_dockerd(private: Private, tmp_path: Path)
         daemon_json = private.config_dir / "daemon.json"
         assert stat.S_IMODE(daemon_json.stat().st_mode) == 0o600
         assert json.loads(daemon_json.read_text()) == {
-            "debug": True, "storage-driver": "vfs", "insecure-registries": ["old.example:5000", "reg.example:5000",
-                                                                            "10.9.0.0/16"],
+            "storage-driver": "vfs", "insecure-registries": ["old.example:5000", "reg.example:5000", "10.9.0.0/16"],
             "log-driver": "syslog", "log-opts": {"syslog-address": "udp://127.0.0.1:514"},
         }
         info = private.client().info()
@@ -222,7 +221,7 @@ def test_configures_restarts_and_stops_dockerd(private: Private, tmp_path: Path)
         assert registries["IndexConfigs"]["reg.example:5000"]["Secure"] is False
         assert registries["IndexConfigs"]["old.example:5000"]["Secure"] is False
         assert "10.9.0.0/16" in registries["InsecureRegistryCIDRs"]
-        assert info["LoggingDriver"] == "syslog" and info["Driver"] == "vfs" and info["Debug"] is True
+        assert info["LoggingDriver"] == "syslog" and info["Driver"] == "vfs" and info["Debug"] is False
         shown = subprocess.run(["docker", "-H", f"unix://{private.sock}", "info"], capture_output=True,
                                text=True).stdout
         assert re.search(r"Insecure Registries:\n(\s+.+\n)*\s+reg\.example:5000", shown), shown
@@ -313,7 +312,7 @@ def test_missing_dockerd_and_broken_daemon_json_are_reported(tmp_path: Path) -> 
     output = running.output
     assert f"{config_dir / 'daemon.json'} is not valid daemon.json" in output
     assert (config_dir / "daemon.json.invalid").read_text() == "{not json"
-    assert json.loads((config_dir / "daemon.json").read_text()) == {"debug": True, "insecure-registries": ["r:1"]}
+    assert json.loads((config_dir / "daemon.json").read_text()) == {"insecure-registries": ["r:1"]}
     assert "stopped on SIGTERM" in output and "Traceback" not in output
     assert PASSWORD not in output
 
@@ -360,7 +359,7 @@ def test_image_runs_the_program(hook_docker_image: str, tmp_path: Path) -> None:
 
     try:
         wait_until(lambda: "cannot run dockerd (/usr/local/bin/dockerd)" in logs(), what="hook-docker's first try")
-        assert json.loads((etc / "daemon.json").read_text()) == {"debug": True, "insecure-registries": ["reg.lan:5000"]}
+        assert json.loads((etc / "daemon.json").read_text()) == {"insecure-registries": ["reg.lan:5000"]}
         docker_cli("stop", "-t", "10", name)
         assert docker_cli("inspect", "-f", "{{.State.ExitCode}}", name).stdout.strip() == "0"
         output = logs()

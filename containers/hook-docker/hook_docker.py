@@ -50,9 +50,12 @@ _PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----(.*?)-----END CERTIFICATE--
 # --- daemon.json -----------------------------------------------------------------------------
 
 def daemon_config(cfg: HookConfig, existing: dict[str, Any]) -> dict[str, Any]:
-    """daemon.json: the existing settings with debug, insecure registries and syslog merged in."""
+    """daemon.json: the existing settings with insecure registries and syslog merged in.
+
+    No `debug: true`: dockerd's debug log records the body of every API request, and bootkit's
+    container create carries tink-worker's REGISTRY_PASSWORD (seen in a boot of the Hook OS).
+    """
     config = dict(existing)
-    config["debug"] = True
     if cfg.insecure_registries:
         registries = [r for r in existing.get("insecure-registries", []) if isinstance(r, str)]
         config["insecure-registries"] = registries + [r for r in cfg.insecure_registries
