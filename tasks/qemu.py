@@ -61,7 +61,9 @@ HOOK_MILESTONES: tuple[tuple[str, str], ...] = (
     # LinuxKit's init prints /etc/issue; the debug image has its own
     ("LinuxKit init (root copied)", r"Welcome to LinuxKit|HookOS debug image"),
     ("containerd", r"containerd successfully booted"),
-    ("tink-worker", r"TINK-WORKER-RUNNING"),
+    ("dockerd started (hook-docker)", r"hook-docker: INFO started dockerd"),
+    ("tink-worker started (hook-bootkit)", r"hook-bootkit: INFO tink-worker is running"),
+    ("tink-worker's own output", r"TINK-WORKER-RUNNING"),
 )
 
 

@@ -144,6 +144,37 @@ def test_masking_covers_escaped_forms_and_tracebacks(capsys: pytest.CaptureFixtu
     logging.getLogger().handlers.clear()
 
 
+def test_console_gets_warnings_and_milestones_masked(tmp_path, monkeypatch: pytest.MonkeyPatch,  # noqa: ANN001
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """HOOK_CONSOLE (the images set /dev/console): warnings, errors and lines marked as milestones go
+    there too, masked; plain info lines only to stderr."""
+    console = tmp_path / "console"
+    console.write_text("")
+    monkeypatch.setenv("HOOK_CONSOLE", str(console))
+    hooklog.add_secret("c0nsole-secret")
+    hooks = sys.excepthook, threading.excepthook
+    log = hooklog.setup_logging("hook-test")
+    sys.excepthook, threading.excepthook = hooks
+    try:
+        log.info("an ordinary step")
+        log.info("tink-worker is running", extra={"console": True})
+        log.error("pulling failed with c0nsole-secret; retrying in 2.0s")
+    finally:
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        logging.getLogger().handlers.clear()
+    assert console.read_text().splitlines() == [
+        "hook-test: INFO tink-worker is running",
+        "hook-test: ERROR pulling failed with ***; retrying in 2.0s",
+    ]
+    assert "an ordinary step" in capsys.readouterr().err
+    monkeypatch.setenv("HOOK_CONSOLE", str(tmp_path / "no" / "such" / "console"))
+    log = hooklog.setup_logging("hook-test")  # an unwritable console is no error: stderr only
+    sys.excepthook, threading.excepthook = hooks
+    assert len(logging.getLogger().handlers) == 1
+    logging.getLogger().handlers.clear()
+
+
 def test_backoff_doubles_and_is_capped() -> None:
     delays = Backoff(initial=1, maximum=8, factor=2, jitter=0).delays()
     assert [next(delays) for _ in range(6)] == [1, 2, 4, 8, 8, 8]

@@ -39,7 +39,10 @@ def test_hook_yaml_runs_our_images_with_what_they_need() -> None:
     assert not any(b.split(":")[0].startswith("/etc/docker") for b in docker["binds"])
     assert not any(d.startswith("/etc") for d in docker["runtime"]["mkdir"])
     assert bootkit["net"] == "host"
-    assert bootkit["binds"] == ["/var/run/docker:/var/run"]  # the same socket folder, nothing more
+    # the same socket folder, and the console for its warnings and milestones; nothing more
+    assert bootkit["binds"] == ["/var/run/docker:/var/run", "/dev/console:/dev/console"]
+    assert "/dev/console:/dev/console" in docker["binds"]
+    assert "env" not in bootkit and "env" not in docker  # LinuxKit's env: would replace the images' PATH
     assert "capabilities" not in bootkit
     assert all(ref.startswith("linuxkit/") or ref.startswith("quay.io/") for ref in linuxkit.images_of(config))
 

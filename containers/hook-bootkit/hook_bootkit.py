@@ -288,7 +288,8 @@ class Bootkit:
             api.start(cid)
         with engine_errors(f"checking the {CONTAINER_NAME} container {cid[:12]}"):
             self._check_running(cid)
-        log.info("%s is running (container %s, image %s)", CONTAINER_NAME, cid[:12], self.image)
+        log.info("%s is running (container %s, image %s)", CONTAINER_NAME, cid[:12], self.image,
+                 extra={"console": True})
         return cid
 
     def _check_running(self, cid: str) -> None:

@@ -312,7 +312,7 @@ class HookDocker:
                 continue
             proc = self._proc
             log.info("started dockerd (pid %d): %s; proxy variables: %s", proc.pid, shlex.join(command),
-                     proxies)
+                     proxies, extra={"console": True})
             if self.stop.stopping:  # the stop came while it was starting
                 self.forward(signal.SIGTERM)
             code = proc.wait()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import threading
 import time
@@ -44,13 +45,43 @@ class MaskingFormatter(logging.Formatter):
         return mask(super().format(record))
 
 
+#: Where warnings, errors and milestone lines also go, when set (the OS's hook.yaml: /dev/console).
+CONSOLE_ENV = "HOOK_CONSOLE"
+
+
+def _on_console(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or bool(getattr(record, "console", False))
+
+
+def console_handler(path: str) -> logging.Handler | None:
+    """A handler that writes warnings, errors and records logged with extra={"console": True} to
+    path (the serial console an operator watches), masked like every other line; None if unwritable."""
+    try:
+        stream = open(path, "w", buffering=1, encoding="utf-8", errors="replace")  # noqa: SIM115 - process-long
+    except OSError:
+        return None
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(MaskingFormatter("%(name)s: %(levelname)s %(message)s"))
+    handler.addFilter(_on_console)
+    return handler
+
+
 def setup_logging(program: str, *, debug: bool = False) -> logging.Logger:
-    """Log to stderr as 'TIME PROGRAM LEVEL message' and route uncaught exceptions there too."""
+    """Log to stderr as 'TIME PROGRAM LEVEL message' and route uncaught exceptions there too.
+
+    With $HOOK_CONSOLE set (hook.yaml: /dev/console), warnings, errors and milestone lines
+    (extra={"console": True}) are also written there, so the serial console shows why a machine
+    waits or reboots.
+    """
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(MaskingFormatter("%(asctime)sZ %(name)s %(levelname)s %(message)s",
                                           datefmt="%Y-%m-%dT%H:%M:%S"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
+    console = os.environ.get(CONSOLE_ENV, "")
+    extra = console_handler(console) if console else None
+    if extra is not None:
+        root.handlers.append(extra)
     root.setLevel(logging.DEBUG if debug else logging.INFO)
     # urllib3 and docker log connection details at DEBUG only; keep them quiet unless asked.
     for noisy in ("urllib3", "docker"):
