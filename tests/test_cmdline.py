@@ -92,7 +92,15 @@ def test_config_from_every_key() -> None:
     assert set(KEYS) == {"tink_worker_image", "docker_registry", "registry_username", "registry_password",
                          "grpc_authority", "worker_id", "tinkerbell_tls", "tinkerbell_insecure_tls",
                          "syslog_host", "insecure_registries", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY",
-                         "packet_base_url", "tinkerbell", "grpc_cert_url"}
+                         "packet_base_url", "tinkerbell", "grpc_cert_url", "ipam", "vlan_id", "hw_addr", "interface"}
+
+
+def test_network_keys_are_kept_verbatim() -> None:
+    """ipam= holds ':' and ',' (and a hyphenated MAC); hookcommon/network.py parses the values."""
+    value = "52-54-00-12-34-56:30:10.0.2.15:255.255.255.0:10.0.2.2:h.example:10.0.2.3,1.1.1.1:a.example:"
+    cfg = HookConfig.from_text(f"ipam={value} vlan_id=30 hw_addr=52:54:00:12:34:56 interface=eth1")
+    assert (cfg.ipam, cfg.vlan_id, cfg.hw_addr, cfg.interface) == (value, "30", "52:54:00:12:34:56", "eth1")
+    assert HookConfig.from_text("ipam interface=").ipam == "" and HookConfig.from_text("interface=").interface == ""
 
 
 def test_empty_cmdline_is_an_empty_config() -> None:

@@ -43,7 +43,10 @@ PASSWORD = "dind=s3cret pw"
 HOOK_DOCKER_IMAGE = "hook-test/hook-docker:session"
 TEST_BUILD_ARGS = {"BASE_IMAGE": "local/python-base:amd64", "BUILD_IMAGE": "local/python-base:amd64",
                    "PYTHON_APK": ""}
-FAST = ["--backoff-initial", "0.2", "--backoff-max", "1", "--reboot-poll", "0.2", "--stop-timeout", "15"]
+# --no-network: the host's network is not ours to set up (tests/test_network.py runs that part in
+# network namespaces of its own)
+FAST = ["--backoff-initial", "0.2", "--backoff-max", "1", "--reboot-poll", "0.2", "--stop-timeout", "15",
+        "--no-network"]
 
 
 def host_ca_pem() -> str:

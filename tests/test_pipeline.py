@@ -95,7 +95,8 @@ def test_changed_base_image_rebuilds_the_images_built_on_it(dev_project: Project
         assert project.doit("dev_dist").executed == []
 
         (tmp_path / "ctx").mkdir()
-        (tmp_path / "ctx" / "Dockerfile").write_text(f"FROM {original}\nLABEL hook.test=moved\n")
+        (tmp_path / "ctx" / "moved").write_text("the base moved\n")
+        (tmp_path / "ctx" / "Dockerfile").write_text(f"FROM {original}\nCOPY moved /etc/hook-base-moved\n")
         subprocess.run(["docker", "build", "-q", "-t", base, str(tmp_path / "ctx")], check=True, capture_output=True)
         moved = project.doit("dev_dist")
         assert sorted(moved.executed) == sorted(
@@ -194,8 +195,9 @@ def test_interrupted_linuxkit_build_is_stopped_and_redone(dev_project: Project, 
 
 def test_interrupted_image_build_is_stopped_and_redone(dev_project: Project, tmp_path: Path) -> None:
     project = _copy(dev_project, tmp_path / "hook")
-    project.edit("containers/hook-bootkit/hook_bootkit.py", "\n# interrupted build\n")
-    code, output = _interrupt_when(project, "building hooktest/tinkerbell/hook-bootkit", signal.SIGTERM)
+    # a changed requirements file re-runs the pip step: a build that lasts long enough to interrupt
+    project.edit("containers/hook-bootkit/requirements.txt", "\n# interrupted build\n")
+    code, output = _interrupt_when(project, "sh /tmp/pip-install.sh /tmp/requirements.txt", signal.SIGTERM)
     assert code != 0
     assert f"hook: image_load:hook-bootkit-{ARCH} failed: interrupted (stopped docker" in output, output[-3000:]
     time.sleep(0.5)
