@@ -41,7 +41,7 @@ from pathlib import Path
 
 from tasks.arch import Arch
 from tasks.errors import HookError
-from tasks.run import find_tool, log_step
+from tasks.run import find_tool, log_step, mask
 
 DEFAULT_CMDLINE = "console=ttyS0 panic=-1"
 ACCELS = ("auto", "tcg", "kvm")
@@ -172,6 +172,14 @@ def console_cmdline(cmdline: str, arch: Arch) -> str:
     if consoles and consoles[-1] == CONSOLE[arch]:
         return cmdline
     return f"{cmdline} console={CONSOLE[arch]}".strip()
+
+
+def cmdline_secrets(cmdline: str) -> list[str]:
+    """The secrets a Tinkerbell cmdline holds (registry_password), read with the programs' own parser."""
+    from hookcommon.cmdline import parse_cmdline
+
+    password = parse_cmdline(cmdline).get("registry_password")
+    return [password, shlex.quote(password)] if password else []
 
 
 def qemu_argv(
@@ -307,6 +315,8 @@ class Guest:
         self.argv = qemu_argv(qemu, kernel, initrd, arch=arch, cmdline=cmdline, memory_mb=memory_mb,
                               accel=self.accel, smp=smp, nics=nics, extra=extra)
         self.log = Path(log) if log is not None else None
+        #: masked in what we log (the kernel still prints its own command line on the console)
+        self.secrets = cmdline_secrets(cmdline)
         self.echo = echo
         self.announce = announce
         self._patterns = [(name, re.compile(rx.encode())) for name, rx in milestone_patterns]
@@ -327,7 +337,7 @@ class Guest:
         if self.log is not None:
             self.log.parent.mkdir(parents=True, exist_ok=True)
             self._sink = open(self.log, "wb")  # noqa: SIM115 - closed in stop()
-        log_step(f"booting under qemu ({self.arch}, {self.accel}): {shlex.join(self.argv)}")
+        log_step(f"booting under qemu ({self.arch}, {self.accel}): {mask(shlex.join(self.argv), self.secrets)}")
         try:
             self._proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                           stderr=subprocess.STDOUT)
