@@ -125,17 +125,46 @@ class BaseResolver:
         self._dirty = False
 
 
+def base_ref(name: str, default: str, args: Mapping[str, str]) -> str:
+    """The reference a FROM line uses: the build arg's value (or its default); a literal FROM as it is."""
+    return default if name.startswith("FROM ") else args.get(name, default)
+
+
 def resolve_args(args: Mapping[str, str], bases: Mapping[str, str], resolver: BaseResolver,
                  ) -> tuple[dict[str, str], dict[str, str]]:
     """(build args with registry bases pinned to their digest, {base reference: identity})."""
     built = dict(args)
     identities: dict[str, str] = {}
     for name, default in bases.items():
-        ref = args.get(name, default) if not name.startswith("FROM ") else default
+        ref = base_ref(name, default, args)
         if not ref:
             continue
         use, identity = resolver.resolve(ref)
         identities[ref] = identity
         if use != ref and not name.startswith("FROM "):
             built[name] = use
+    return built, identities
+
+
+def known_args(args: Mapping[str, str], bases: Mapping[str, str], resolver: BaseResolver,
+               ) -> tuple[dict[str, str], dict[str, str]] | None:
+    """What resolve_args would give, from what is known without the network (a pinned digest, one
+    recorded in bases.json, or the local engine's image id); None when a base needs a registry lookup."""
+    built = dict(args)
+    identities: dict[str, str] = {}
+    for name, default in bases.items():
+        ref = base_ref(name, default, args)
+        if not ref:
+            continue
+        if "@sha256:" in ref:
+            identities[ref] = ref.split("@", 1)[1]
+        elif ref in resolver.recorded:
+            identities[ref] = resolver.recorded[ref]
+            if not name.startswith("FROM "):
+                built[name] = pin(ref, resolver.recorded[ref])
+        else:
+            local = engine.image_id(ref)
+            if local is None:
+                return None
+            identities[ref] = local
     return built, identities

@@ -13,7 +13,7 @@ from typing import Any
 
 from tasks import engine
 from tasks.arch import Arch
-from tasks.bases import BaseResolver, dockerfile_bases, pin, resolve_args
+from tasks.bases import BaseResolver, dockerfile_bases, known_args, resolve_args
 from tasks.config import Settings
 from tasks.errors import HookError
 from tasks.files import atomic_write_text
@@ -108,24 +108,8 @@ def known(spec: ImageSpec, settings: Settings, arch: Arch, resolver: BaseResolve
     """What `resolve` would give, from what is known without the network (pinned, recorded, or in
     the local engine); None when a base would need a registry lookup."""
     bases = dockerfile_bases(spec.dockerfile(settings.root).read_text())
-    args = build_args(spec, settings, arch)
-    identities: dict[str, str] = {}
-    for name, default in bases.items():
-        ref = default if name.startswith("FROM ") else args.get(name, default)
-        if not ref:
-            continue
-        if "@sha256:" in ref:
-            identities[ref] = ref.split("@", 1)[1]
-        elif ref in resolver.recorded:
-            identities[ref] = resolver.recorded[ref]
-            if not name.startswith("FROM "):
-                args[name] = pin(ref, resolver.recorded[ref])
-        else:
-            local = engine.image_id(ref)
-            if local is None:
-                return None
-            identities[ref] = local
-    return Resolved(args, identities)
+    found = known_args(build_args(spec, settings, arch), bases, resolver)
+    return Resolved(*found) if found else None
 
 
 def is_current(spec: ImageSpec, settings: Settings, arch: Arch, record: Path, resolver: BaseResolver) -> bool:

@@ -413,28 +413,11 @@ def _tool_bases(settings: Settings) -> tuple[dict[str, str], dict[str, str]]:
 def tool_known(settings: Settings, resolver: BaseResolver) -> Resolved | None:
     """The tool image's build args and base identities from what is known without the network
     (pinned, recorded in bases.json, or in the local engine); None when a lookup is needed."""
-    from tasks import engine
-    from tasks.bases import pin
+    from tasks.bases import known_args
     from tasks.images import Resolved
 
-    args, bases = _tool_bases(settings)
-    identities: dict[str, str] = {}
-    for name, default in bases.items():
-        ref = default if name.startswith("FROM ") else args.get(name, default)
-        if not ref:
-            continue
-        if "@sha256:" in ref:
-            identities[ref] = ref.split("@", 1)[1]
-        elif ref in resolver.recorded:
-            identities[ref] = resolver.recorded[ref]
-            if not name.startswith("FROM "):
-                args[name] = pin(ref, resolver.recorded[ref])
-        else:
-            local = engine.image_id(ref)
-            if local is None:
-                return None
-            identities[ref] = local
-    return Resolved(args, identities)
+    found = known_args(*_tool_bases(settings), resolver)
+    return Resolved(*found) if found else None
 
 
 def tool_is_current(settings: Settings, record: Path, resolver: BaseResolver) -> bool:
