@@ -87,7 +87,7 @@ MODULE_NAMES = (
     "virtio_pci", "virtio_net", "virtio_blk", "virtio_scsi", "virtio_console", "virtio_rng", "virtio_balloon",
     "nvme", "ahci", "ata_piix", "sd_mod", "sr_mod", "e1000", "e1000e", "veth", "bridge", "br_netfilter",
     "overlay", "loop", "tun", "macvlan", "ipvlan", "dummy", "squashfs", "isofs", "ext4", "vfat",
-    "nls_cp437", "nls_iso8859_1", "crc32c_generic", "cls_cgroup", "sch_fq_codel",
+    "nls_cp437", "nls_iso8859_1", "crc32c_generic", "cls_cgroup", "sch_fq_codel", "8021q",
 )
 
 #: Stdlib parts python-slim leaves out (relative to /usr/lib/python3.11).

@@ -38,6 +38,7 @@ from hookcommon.network import (
     OnlyInterface,
     Vlan,
     asked_for,
+    ipv4_address,
     lease_from,
     parse_event,
     parse_ipam,
@@ -291,6 +292,11 @@ def test_resolv_conf_lease_and_names() -> None:
         lease_from({"ip": "", "mask": ""})
 
 
+def test_ipv4_address_is_asked_of_the_kernel() -> None:
+    assert ipv4_address("lo") == ["127.0.0.1/8"]
+    assert ipv4_address("no-such-if0") == []
+
+
 def test_udhcpc_event_script_reports_each_variable() -> None:
     """The script as udhcpc runs it: an executable sh script, its event as argument, variables in env."""
     assert os.access(DHCP_SCRIPT, os.X_OK), f"{DHCP_SCRIPT} must be executable (git mode 100755)"
@@ -423,11 +429,11 @@ class HookDockerInNs:
         self.resolv.write_text("# before\n")
         (tmp / "cmdline").write_text(cmdline + "\n")
         self.log = tmp / "hook-docker.log"
-        env = program_env(PATH=f"{lab.bin}:{os.environ['PATH']}")
+        env = program_env(PATH=f"{lab.bin}:{os.environ['PATH']}", HOOK_CONSOLE=str(self.console))
         argv = [HOST_IP, "netns", "exec", lab.host, "unshare", "--uts", sys.executable, str(HOOK_DOCKER),
                 "--cmdline-file", str(tmp / "cmdline"), "--config-dir", str(tmp / "etc-docker"),
                 "--certs-dir", str(tmp / "certs.d"), "--worker-dir", str(tmp / "worker"), "--dockerd", str(lab.dockerd),
-                "--console", str(self.console), "--resolv-conf", str(self.resolv), "--backoff-initial", "0.2",
+                "--resolv-conf", str(self.resolv), "--backoff-initial", "0.2",
                 "--backoff-max", "1", "--network-wait", "20", "--link-wait", "2", *args]
         self.proc = lab.spawn(argv, self.log, env=env)
 
@@ -489,7 +495,7 @@ def test_default_dhcp_on_every_e_interface(lab: Lab) -> None:
     assert hd.resolv.read_text() == ("# written by hook-docker: DHCP on eth0\nsearch lab.example\n"
                                      "nameserver 10.9.0.53\nnameserver 10.9.0.54\n")
     console = hd.console.read_text()
-    assert re.search(r"^hook-docker INFO network: eth0 leased 10\.9\.0\.\d+/24 from 10\.9\.0\.1 \(router 10\.9\.0\.1, "
+    assert re.search(r"^hook-docker: INFO network: eth0 leased 10\.9\.0\.\d+/24 from 10\.9\.0\.1 \(router 10\.9\.0\.1, "
                      r"DNS 10\.9\.0\.53, 10\.9\.0\.54, 3600s\)$", console, re.M), console
     assert hd.stop() == 0
     assert [m.kind for m in dhcp_messages(read_pcap(seen)) if m.from_client][:2] == ["DISCOVER", "REQUEST"]
@@ -514,10 +520,10 @@ def test_ipam_static_address_and_no_dhcp(lab: Lab, shape: str) -> None:
     hd = HookDockerInNs(lab, f"console=ttyS0 ipam={value}")
     out = hd.wait_for("STAND-IN-DOCKERD started")
     prefix = "24" if shape.startswith("subnet") else "32"
-    line = (f"hook-docker INFO network: ipam=: static 10.9.0.15/{prefix} on eth1 52:54:00:aa:bb:02, gateway "
+    line = (f"hook-docker: INFO network: ipam=: static 10.9.0.15/{prefix} on eth1 52:54:00:aa:bb:02, gateway "
             "10.9.0.1, DNS 10.9.0.53, 10.9.0.54, hostname hook-static.lab.example; no DHCP")
     assert line in hd.console.read_text()
-    assert before(out, line.removeprefix("hook-docker INFO "), "started dockerd")
+    assert before(out, line.replace("hook-docker: ", "hook-docker ", 1), "started dockerd")
     assert addresses(lab, "eth1") == [f"10.9.0.15/{prefix}"] and addresses(lab, "eth0") == []
     routes = sh("ip", "route", ns=lab.host)
     assert re.search(r"^default via 10\.9\.0\.1 dev eth1", routes, re.M), routes
@@ -542,7 +548,7 @@ def test_interface_dhcp_only_there(lab: Lab) -> None:
     pcaps = {"eth0": lab.capture("far0"), "eth1": lab.capture("far1")}
     hd = HookDockerInNs(lab, "interface=eth1")
     hd.wait_for("STAND-IN-DOCKERD started")
-    assert "hook-docker INFO network: interface=eth1: DHCP only on eth1 (" in hd.console.read_text()
+    assert "hook-docker: INFO network: interface=eth1: DHCP only on eth1 (" in hd.console.read_text()
     assert addresses(lab, "eth1")[0].startswith("10.9.0.") and addresses(lab, "eth0") == []
     assert hd.stop() == 0
     assert dhcp_messages(read_pcap(pcaps["eth0"])) == []
@@ -559,16 +565,16 @@ def test_bad_values_each_one_line_then_the_dhcp_fallback(lab: Lab) -> None:
     hd.wait_for("STAND-IN-DOCKERD started")
     lines = [line for line in hd.console.read_text().splitlines() if " ERROR " in line]
     assert lines == [
-        "hook-docker ERROR network: ipam= MAC address (field 1) '52-54-00-aa-bb-zz' is not 6 hex pairs joined by "
+        "hook-docker: ERROR network: ipam= MAC address (field 1) '52-54-00-aa-bb-zz' is not 6 hex pairs joined by "
         "'-': write it like 52-54-00-12-34-56; trying vlan_id= instead",
-        "hook-docker ERROR network: hw_addr= MAC address '52:54:00:00:00:99' is on no interface after 2s (there are: "
+        "hook-docker: ERROR network: hw_addr= MAC address '52:54:00:00:00:99' is on no interface after 2s (there are: "
         "eth0 52:54:00:aa:bb:01): give the MAC of one of this machine's NICs; trying interface= instead",
-        "hook-docker ERROR network: interface= 'eth9' does not exist after 2s (there are: eth0 "
+        "hook-docker: ERROR network: interface= 'eth9' does not exist after 2s (there are: eth0 "
         "52:54:00:aa:bb:01): name one of this machine's interfaces; " + FALLBACK,
     ]
     out = hd.output
     for line in lines:
-        assert line.removeprefix("hook-docker ERROR ") in out
+        assert line.replace("hook-docker: ", "hook-docker ", 1) in out
     assert addresses(lab, "eth0")[0].startswith("10.9.0.")
     assert hd.stop() == 0
 
@@ -581,13 +587,13 @@ def test_ipam_mac_of_no_interface_and_vlan_without_kernel_support(lab: Lab) -> N
     hd = HookDockerInNs(lab, "ipam=52-54-00-aa-bb-09::10.9.0.15:24::h:10.9.0.53 vlan_id=100")
     hd.wait_for("STAND-IN-DOCKERD started")
     console = hd.console.read_text()
-    assert ("hook-docker ERROR network: ipam= MAC address (field 1) '52-54-00-aa-bb-09' is on no interface after 2s "
+    assert ("hook-docker: ERROR network: ipam= MAC address (field 1) '52-54-00-aa-bb-09' is on no interface after 2s "
             "(there are: eth0 52:54:00:aa:bb:01): give the MAC of one of this machine's NICs; trying vlan_id= "
             "instead") in console
     if Path("/proc/net/vlan").exists():  # pragma: no cover - a kernel with 802.1Q
         assert "network: vlan_id=100: DHCP only on eth0.100 (VLAN 100 on eth0 52:54:00:aa:bb:01)" in console
     else:
-        vlan_line = ("hook-docker ERROR network: vlan_id= VLAN 100 on eth0: cannot create eth0.100 (`ip link add link "
+        vlan_line = ("hook-docker: ERROR network: vlan_id= VLAN 100 on eth0: cannot create eth0.100 (`ip link add link "
                      "eth0 name eth0.100 type vlan id 100` failed: ip: RTNETLINK answers: Operation not supported): "
                      "the kernel needs 802.1Q VLAN support (CONFIG_VLAN_8021Q, module 8021q); " + FALLBACK)
         assert vlan_line in console, console
@@ -605,16 +611,35 @@ def test_dhcp_client_is_supervised_and_dockerd_does_not_wait_for_ever(lab: Lab) 
     out = hd.wait_for("STAND-IN-DOCKERD started")
     assert before(out, "no DHCP lease on eth0 after 3s: going on without one; the DHCP client keeps asking",
                   "started dockerd")
+    hd.wait_for("network: no DHCP answer on eth0 yet (round 1 of DISCOVERs); udhcpc keeps asking")
     first = hd.udhcpc_pids()[0]
     os.kill(first, signal.SIGKILL)
     hd.wait_for(re.compile(r"udhcpc on eth0 exited after \d+s \(signal 9\); restarting it in"))
     wait_until(lambda: len(hd.udhcpc_pids()) >= 2, what="a second udhcpc")
     lab.dhcp_server("far0", "10.9.0")
     hd.wait_for("eth0 leased 10.9.0.", timeout=40)
+    # the console had the first "no answer" line only, then the lease
+    console = hd.console.read_text()
+    assert console.count("no DHCP answer on eth0 yet") == 1 and "eth0 leased 10.9.0." in console, console
     assert "Traceback" not in hd.output
     assert hd.stop() == 0
     assert not any(Path(f"/proc/{pid}/status").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text()
                    for pid in hd.udhcpc_pids())
+
+
+def test_no_dhcp_client_at_all_does_not_hold_dockerd(lab: Lab) -> None:
+    """An image without udhcpc: the error line, retried, and dockerd starts without waiting 20 s."""
+    lab.link("eth0", "far0")
+    (lab.bin / "udhcpc").unlink()
+    (lab.bin / "udhcpc").symlink_to(lab.tmp / "no-such-udhcpc")
+    started = time.monotonic()
+    hd = HookDockerInNs(lab, "")
+    hd.wait_for("STAND-IN-DOCKERD started")
+    assert time.monotonic() - started < 15
+    assert ("hook-docker: ERROR network: the DHCP client cannot run (No such file or directory): going on without "
+            "a lease") in hd.console.read_text()
+    assert "network: cannot run the DHCP client (udhcpc): No such file or directory; retrying in" in hd.output
+    assert hd.stop() == 0
 
 
 def test_lost_lease_is_removed(lab: Lab) -> None:
@@ -626,7 +651,7 @@ def test_lost_lease_is_removed(lab: Lab) -> None:
     assert addresses(lab, "eth0")
     os.kill(hd.udhcpc_pids()[-1], signal.SIGKILL)
     out = hd.wait_for(re.compile(r"started udhcpc on eth0 .*\n(.*\n)*.*lost its lease", re.S))
-    assert "hook-docker WARNING network: eth0 lost its lease of 10.9.0." in hd.console.read_text()
+    assert "hook-docker: WARNING network: eth0 lost its lease of 10.9.0." in hd.console.read_text()
     hd.wait_for(re.compile(r"lost its lease.*\n(.*\n)*.*eth0 leased 10\.9\.0\.", re.S))
     assert "Traceback" not in out
     assert hd.stop() == 0
@@ -635,7 +660,7 @@ def test_lost_lease_is_removed(lab: Lab) -> None:
 # --- the Hook OS in QEMU ----------------------------------------------------------------------------
 
 NET_MILESTONES = (*qemu.HOOK_MILESTONES,
-                  ("network set up (hook-docker)", r"hook-docker \w+ network: (ipam=|vlan_id=|interface=|DHCP on)"),
+                  ("network set up (hook-docker)", r"hook-docker: \w+ network: (ipam=|vlan_id=|interface=|DHCP on)"),
                   ("address (lease or static)", r"network: (\S+ leased \d|ipam=: static)"))
 
 
@@ -654,6 +679,13 @@ def registry_nic(registry: Registry, *, mac: str, pcap: Path) -> qemu.Nic:
     return qemu.Nic(forwards=(qemu.Forward(5000, registry.port),), mac=mac, pcap=pcap)
 
 
+def lines_in(output: str, *expected: str) -> bool:
+    """Each expected line is a whole line of output: other console writers (tink-worker's marker,
+    the kernel) may put their lines between those of the command typed into the serial shell."""
+    got = {line.strip() for line in output.replace("\r", "").splitlines()}
+    return all(e in got for e in expected)
+
+
 @pytest.mark.slow
 def test_boot_ipam_static_no_dhcp(boot_files: tuple[Path, Path], worker_registry: Registry, tmp_path: Path) -> None:
     """ipam= with the NIC's MAC, 10.0.2.15/24, gateway 10.0.2.2, DNS 10.0.2.3: no DHCP packet at all;
@@ -666,18 +698,25 @@ def test_boot_ipam_static_no_dhcp(boot_files: tuple[Path, Path], worker_registry
                    [registry_nic(worker_registry, mac=mac, pcap=pcap)]) as g:
         g.wait_for(MARKER, timeout=BOOT_TIMEOUT)
         report(g, "ipam=")
-        assert ("hook-docker INFO network: ipam=: static 10.0.2.15/24 on eth0 52:54:00:12:34:99, gateway 10.0.2.2, "
+        assert ("hook-docker: INFO network: ipam=: static 10.0.2.15/24 on eth0 52:54:00:12:34:99, gateway 10.0.2.2, "
                 "DNS 10.0.2.3, 10.0.2.4, hostname hook-static.test; no DHCP") in g.console
         addr = g.sh(in_service("hook-docker", "ip -4 addr show dev eth0")).output
         assert "inet 10.0.2.15/24" in addr, addr
         assert re.search(r"default via 10\.0\.2\.2 dev eth0", g.sh(in_service("hook-docker", "ip route")).output)
-        resolv = "search lab.test\nnameserver 10.0.2.3\nnameserver 10.0.2.4\n"
-        assert resolv in g.sh(in_service("hook-docker", "cat /etc/resolv.conf")).output.replace("\r", "")
-        assert resolv in g.sh("cat /etc/resolv.conf").output.replace("\r", "")  # the host's, LinuxKit's symlink
-        assert g.sh("hostname").output.strip() == "hook-static.test"
-        worker = g.sh(in_service("hook-docker", "docker exec tink-worker sh -c 'hostname; cat /etc/resolv.conf; "
-                                                "ip -4 addr show dev eth0'")).output.replace("\r", "")
-        assert worker.startswith("hook-static.test\n") and resolv in worker and "inet 10.0.2.15/24" in worker, worker
+        resolv = ("# written by hook-docker: ipam= (static, eth0)", "search lab.test", "nameserver 10.0.2.3",
+                  "nameserver 10.0.2.4")
+        in_worker = "docker exec tink-worker"
+        for where, command in (("hook-docker", in_service("hook-docker", "cat /etc/resolv.conf")),
+                               ("the host (LinuxKit's /etc/resolv.conf symlink)", "cat /etc/resolv.conf"),
+                               ("tink-worker", in_service("hook-docker", f"{in_worker} cat /etc/resolv.conf"))):
+            output = g.sh(command).output
+            assert lines_in(output, *resolv), f"{where}: {output}"
+        for command in ("hostname", in_service("hook-docker", "hostname"),
+                        in_service("hook-docker", "docker exec tink-worker hostname")):
+            output = g.sh(command).output
+            assert lines_in(output, "hook-static.test"), f"{command}: {output}"
+        worker = g.sh(in_service("hook-docker", "docker exec tink-worker ip -4 addr show dev eth0")).output
+        assert "inet 10.0.2.15/24" in worker, worker
         ps = g.sh(in_service("hook-docker", "ps -o comm")).output
         assert "udhcpc" not in ps and "dhcpcd" not in ps, ps
         logs = service_logs(g)
@@ -699,9 +738,10 @@ def test_boot_vlan_dhcp_tagged_only(boot_files: tuple[Path, Path], worker_regist
     pcap = tmp_path / "eth0.pcap"
     with net_guest(boot_files, tmp_path / "console.log", tinkerbell_cmdline(extra=f"vlan_id=100 hw_addr={mac}"),
                    [registry_nic(worker_registry, mac=mac, pcap=pcap)]) as g:
-        g.wait_for(f"hook-docker INFO network: vlan_id=100: DHCP only on eth0.100 (VLAN 100 on eth0 {mac})",
+        g.wait_for(f"hook-docker: INFO network: vlan_id=100: DHCP only on eth0.100 (VLAN 100 on eth0 {mac})",
                    timeout=BOOT_TIMEOUT)
-        g.wait_for("hook-docker WARNING network: no DHCP lease on eth0.100 after 30s: going on without one", timeout=90)
+        g.wait_for("hook-docker: WARNING network: no DHCP lease on eth0.100 after 30s: going on without one",
+                   timeout=90)
         vlan = g.sh("cat /proc/net/vlan/config").output
         assert re.search(r"eth0\.100\s*\|\s*100\s*\|\s*eth0", vlan), vlan
         deadline = time.monotonic() + 120
@@ -725,8 +765,8 @@ def test_boot_interface_two_nics(boot_files: tuple[Path, Path], worker_registry:
     with net_guest(boot_files, tmp_path / "console.log", tinkerbell_cmdline(extra="interface=eth1"), nics) as g:
         g.wait_for(MARKER, timeout=BOOT_TIMEOUT)
         report(g, "interface=")
-        assert f"hook-docker INFO network: interface=eth1: DHCP only on eth1 ({macs[1]})" in g.console
-        assert re.search(r"hook-docker INFO network: eth1 leased 10\.0\.2\.15/24 from 10\.0\.2\.2", g.console)
+        assert f"hook-docker: INFO network: interface=eth1: DHCP only on eth1 ({macs[1]})" in g.console
+        assert re.search(r"hook-docker: INFO network: eth1 leased 10\.0\.2\.15/24 from 10\.0\.2\.2", g.console)
     eth0, eth1 = (dhcp_messages(read_pcap(p)) for p in pcaps)
     print(f"[interface=] eth0: {summary(eth0)}; eth1: {summary(eth1)}")
     assert eth0 == []
@@ -747,21 +787,21 @@ def test_boot_bad_values_fall_back_to_dhcp(boot_files: tuple[Path, Path], worker
         g.wait_for(MARKER, timeout=BOOT_TIMEOUT)
         report(g, "bad values")
         expected = [
-            "hook-docker ERROR network: ipam= MAC address (field 1) '52-54-00-12-34-zz' is not 6 hex pairs joined by "
+            "hook-docker: ERROR network: ipam= MAC address (field 1) '52-54-00-12-34-zz' is not 6 hex pairs joined by "
             "'-': write it like 52-54-00-12-34-56; trying vlan_id= instead",
-            "hook-docker ERROR network: hw_addr= MAC address '52:54:00:00:00:01' is on no interface after 10s "
+            "hook-docker: ERROR network: hw_addr= MAC address '52:54:00:00:00:01' is on no interface after 10s "
             f"(there are: eth0 {mac}): give the MAC of one of this machine's NICs; trying interface= instead",
-            f"hook-docker ERROR network: interface= 'eth5' does not exist after 10s (there are: eth0 {mac}): "
+            f"hook-docker: ERROR network: interface= 'eth5' does not exist after 10s (there are: eth0 {mac}): "
             f"name one of this machine's interfaces; {FALLBACK}",
         ]
         console = g.console.replace("\r", "")
         for line in expected:
             assert line in console, line
             print(f"[bad values] console: {line}")
-        assert re.search(r"hook-docker INFO network: eth0 leased 10\.0\.2\.15/24", console)
+        assert re.search(r"hook-docker: INFO network: eth0 leased 10\.0\.2\.15/24", console)
         logs = service_logs(g)
         for line in expected:
-            assert line.removeprefix("hook-docker ERROR ") in logs
+            assert line.replace("hook-docker: ", "hook-docker ", 1) in logs
     messages = dhcp_messages(read_pcap(tmp_path / "eth0.pcap"))
     assert {m.kind for m in messages if m.from_client} >= {"DISCOVER", "REQUEST"}
     assert all(m.vlan is None for m in messages)

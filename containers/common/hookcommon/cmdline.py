@@ -32,6 +32,12 @@ KEYS: dict[str, str] = {
     "packet_base_url": "2021: base URL serving ca.pem, the CA of docker_registry",
     "tinkerbell": "2021: URL of the Tinkerbell host; <tinkerbell>:50061/metadata gives the machine id",
     "grpc_cert_url": "2021: URL of the gRPC server certificate (TINKERBELL_CERT_URL)",
+    # the network (hook-docker sets it up before dockerd: hookcommon/network.py)
+    "ipam": "static network: <mac-with-hyphens>:<vlan-id>:<ip>:<netmask>:<gateway>:<hostname>:<dns,...>"
+            ":<search,...>:<ntp,...>; no DHCP",
+    "vlan_id": "VLAN 1-4094: DHCP only on <nic>.<vlan_id>, the NIC being hw_addr's (default eth0)",
+    "hw_addr": "MAC of the NIC that vlan_id= tags (aa:bb:cc:dd:ee:ff or aa-bb-cc-dd-ee-ff)",
+    "interface": "DHCP only on this interface (default: every interface whose name starts with 'e')",
 }
 
 #: Keys whose bare flag form means "true".
@@ -126,6 +132,10 @@ class HookConfig:
     packet_base_url: str = ""
     tinkerbell: str = ""
     grpc_cert_url: str = ""
+    ipam: str = ""
+    vlan_id: str = ""
+    hw_addr: str = ""
+    interface: str = ""
 
     @classmethod
     def from_params(cls, params: dict[str, str | None]) -> HookConfig:
