@@ -13,7 +13,7 @@ from doit.exceptions import TaskFailed
 from doit.task import clean_targets
 from doit.tools import config_changed
 
-from tasks import images, iso, pipeline
+from tasks import embed, images, iso, pipeline
 from tasks.arch import Arch
 from tasks.bases import BaseResolver
 from tasks.config import SETTINGS, load_settings
@@ -50,6 +50,7 @@ LOCAL_ARCHES = tuple(dict.fromkeys(DEV.arches(S) + DEBUG.arches(S)))
 OS_CODE = [S.root / "tasks" / name for name in ("linuxkit.py", "initramfs.py", "cpio.py")]
 PACKAGE_CODE = [S.root / "tasks" / "package.py"]
 ISO_CODE = [S.root / "tasks" / "iso.py"]
+EMBED_CODE = [S.root / "tasks" / "embed.py"]
 
 
 def _relative(paths: list) -> list[str]:
@@ -108,6 +109,7 @@ def task_linuxkit():
         for arch in build.arches(S):
             templates = [S.root / "linuxkit" / t for t in build.templates]
             records = list(pipeline.image_records(S, PLANS, build, arch).values())
+            records.append(embed.record_path(pipeline.linuxkit_dir(S, build, arch)))  # the embedded images
             outputs = [*pipeline.rendered_files(S, build, arch), *pipeline.linuxkit_outputs(S, build, arch).values(),
                        *pipeline.boot_files(S, build, arch)]
             yield {
@@ -118,6 +120,23 @@ def task_linuxkit():
                 "targets": _relative(outputs),
                 "actions": [action(pipeline.make_os, S, build, arch, PLANS)],
                 "clean": [clean_targets, (pipeline.clean_converted, (S, build, arch))],
+            }
+
+
+def task_embed():
+    """Export the embedded images (embed_images) for one build and arch: archives the OS carries."""
+    for build in (RELEASE, DEV, DEBUG):
+        for arch in build.arches(S):
+            folder = pipeline.linuxkit_dir(S, build, arch)
+            yield {
+                "name": f"{build.name}-{arch}",
+                "file_dep": _relative(EMBED_CODE),
+                "targets": _relative(embed.targets(S, folder, arch)),
+                # the list, and each image's identity now: local image id, or the recorded digest
+                "uptodate": [lambda folder=folder, arch=arch, local=build.local:
+                             embed.is_current(S, folder, arch, local=local)],
+                "actions": [action(embed.export, S, folder, arch, local=build.local)],
+                "clean": [clean_targets, (embed.clean, (folder,))],
             }
 
 
@@ -223,8 +242,8 @@ def task_boot():
             {"name": "build", "long": "build", "default": "dev", "help": "release, dev or debug"},
             {"name": "arch", "long": "arch", "default": "", "help": "x86_64 or aarch64 (default: the build's first)"},
             {"name": "cmdline", "long": "cmdline", "default": "console=tty0 console=ttyS0",
-             "help": "kernel cmdline (the Tinkerbell keys); {registry} is --registry as the guest sees it; "
-                     "console=<serial> is added last unless the last console= is the serial port"},
+             "help": "kernel cmdline (the Tinkerbell keys), written --cmdline='...'; {registry} is --registry as the "
+                     "guest sees it; console=<serial> is added last unless the last console= is the serial port"},
             {"name": "registry", "long": "registry", "default": "",
              "help": "a registry on this machine (127.0.0.1:PORT) the guest reaches as 10.0.2.100:5000"},
             {"name": "ssh", "long": "ssh", "type": int, "default": 0,
@@ -249,6 +268,7 @@ def task_bases():
 
     def refresh() -> None:
         pipeline.refresh_bases(S, PLANS, BASES)
+        embed.refresh_digests(S, RELEASE.arches(S))  # the release builds' embedded images
 
     return {"actions": [action(refresh)], "uptodate": [False], "verbosity": 2}
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tasks.arch import Arch
+from tasks.embed import parse_setting as parse_embed_images
 from tasks.errors import HookError
 from tasks.iso import check_cmdline
 from tasks.tools import DEFAULT_LINUXKIT_URL, default_cache_dir
@@ -63,6 +64,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("iso_cmdline", "console=tty0 console={serial}",
             "the ISO's built-in kernel cmdline (Tinkerbell keys; {serial} = ttyS0/ttyAMA0); patchable later"),
     Setting("iso_base", "", "hook-iso (ISO tools) BASE_IMAGE build arg, a Debian with apt; empty: Dockerfile's"),
+    Setting("embed_images", "", "images in hook-docker's engine at boot: comma list of 'IMAGE [NAME]', or @FILE "
+            "(one a line); local builds take them from the engine, dist from the registry (docs/embedded.md)"),
 )
 SETTING_NAMES = frozenset(s.name for s in SETTINGS)
 
@@ -92,6 +95,8 @@ class Settings:
     build_ca: Path | None = None
     iso_cmdline: str = "console=tty0 console={serial}"
     iso_base: str = ""
+    #: `SOURCE` or `SOURCE NAME` per embedded image (tasks.embed parses and validates them)
+    embed_images: tuple[str, ...] = ()
     root: Path = ROOT
 
     @property
@@ -152,7 +157,9 @@ def load_settings(
         if name not in SETTING_NAMES:
             close = [s for s in sorted(SETTING_NAMES) if s[:3] == name[:3]]
             hint = f" (did you mean {close[0]}?)" if close else ""
-            raise HookError(f"unknown setting {name!r}{hint}; `doit settings` lists them all")
+            raise HookError(f"unknown setting {name!r}{hint}; `doit settings` lists them all (doit takes every "
+                            "NAME=VALUE word for a setting: join an option to a value holding '=', as in "
+                            "--cmdline='console=ttyS0 worker_id=m1')")
 
     def get(name: str) -> str:
         setting = next(s for s in SETTINGS if s.name == name)
@@ -231,6 +238,7 @@ def load_settings(
         build_ca=build_ca,
         iso_cmdline=iso_cmdline,
         iso_base=_check("iso_base", iso_base, _REF, "an image reference") if iso_base else "",
+        embed_images=parse_embed_images(get("embed_images"), root),
         root=root,
         **bases,
     )

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import yaml
 
-from tasks import engine, images, linuxkit
+from tasks import embed, engine, images, linuxkit
 from tasks.arch import Arch
-from tasks.bases import BaseResolver, dockerfile_bases
+from tasks.bases import BaseResolver, base_ref, dockerfile_bases
 from tasks.config import Settings
 from tasks.errors import HookError
 from tasks.files import atomic_write_text, atomic_writer, remove
@@ -208,7 +208,7 @@ def refresh_bases(settings: Settings, plans: dict[str, ImagePlan], resolver: Bas
             bases = dockerfile_bases(plan.spec.dockerfile(settings.root).read_text())
             args = images.build_args(plan.spec, settings, arch)
             for name, default in bases.items():
-                ref = default if name.startswith("FROM ") else args.get(name, default)
+                ref = base_ref(name, default, args)
                 if not ref or ref in seen or "@sha256:" in ref or engine.image_id(ref):
                     continue
                 seen.add(ref)
@@ -235,9 +235,10 @@ def make_os(settings: Settings, build: Build, arch: Arch, plans: dict[str, Image
     log_step(f"linuxkit build {build.name} {arch} ({'local images' if build.local else 'registry images'})")
     refs = [ref for config in configs for ref in linuxkit.images_of(
         yaml.load(config.read_text(), Loader=linuxkit.Yaml12Loader))]  # noqa: S506 - a SafeLoader
+    embedded = embed.extra_configs(linuxkit_dir(settings, build, arch))  # embed_images: their archives' files
     linuxkit.build(
         linuxkit=linuxkit_tool(settings),
-        configs=configs,
+        configs=configs + embedded,
         arch=arch,
         name=build.prefix,
         outdir=linuxkit_dir(settings, build, arch),
@@ -245,6 +246,8 @@ def make_os(settings: Settings, build: Build, arch: Arch, plans: dict[str, Image
         mirrors=() if build.local else linuxkit.mirrors_for(refs),
     )
     convert(settings, build, arch)
+    for line in embed.size_report(linuxkit_dir(settings, build, arch), boot_files(settings, build, arch)[1]):
+        log_step(line)
 
 
 def convert(settings: Settings, build: Build, arch: Arch) -> None:

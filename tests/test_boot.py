@@ -208,7 +208,7 @@ def test_debug_image_ssh_with_the_build_key(debug_guest: tuple[qemu.Guest, int],
 def test_doit_boot_with_a_forwarded_registry(dev_project: Project, worker_registry: Registry) -> None:
     """What a user runs: `doit boot` with a Tinkerbell cmdline and a local registry, until a line shows."""
     cmdline = tinkerbell_cmdline().replace(GUEST_REGISTRY, "{registry}")
-    result = dev_project.doit("boot", "--registry", worker_registry.addr, "--cmdline", cmdline, "--memory",
+    result = dev_project.doit("boot", "--registry", worker_registry.addr, f"--cmdline={cmdline}", "--memory",
                               str(MEMORY_MB), "--accel", "tcg", "--expect", "hook-bootkit: INFO tink-worker is running",
                               "--timeout", str(BOOT_TIMEOUT), timeout=BOOT_TIMEOUT + 120)
     assert f"the guest reaches {worker_registry.addr} as {GUEST_REGISTRY}" in result.stderr

@@ -11,6 +11,7 @@ import re
 import secrets
 import shlex
 import signal
+import socket
 import ssl
 import stat
 import subprocess
@@ -375,3 +376,70 @@ def test_image_adds_little_to_its_base(hook_docker_image: str) -> None:
     added = image_size(hook_docker_image) - image_size("local/python-base:amd64")
     print(f"hook-docker adds {added / 1e6:.2f} MB to its base (without Alpine's python3)")
     assert added < 3_000_000
+
+
+# --- embedded images: loaded through dockerd's own socket, then the docker socket appears ------------
+
+
+def _embedded_archive(folder: Path, source: str, name: str) -> Path:
+    """An archive as the pipeline embeds it (tasks/embed.py), of a local image, named `name`."""
+    from tasks.arch import Arch
+    from tasks.embed import Entry, write_archive
+
+    spool = folder / "saved.tar"
+    docker_cli("image", "save", "-o", str(spool), source)
+    target = folder / "00-probe.tar"
+    write_archive(spool, target, Entry(source, name), Arch.X86_64)
+    spool.unlink()
+    return target
+
+
+def test_embedded_images_are_loaded_before_the_docker_socket_appears(private: Private, base_images: dict[str, str],
+                                                                     tmp_path: Path) -> None:
+    """dockerd listens on dockerd.sock alone until the archives are loaded; then docker.sock links to it.
+    A broken archive is reported (and the socket appears anyway); a restarted dockerd keeps both."""
+    embedded = tmp_path / "embedded"
+    embedded.mkdir()
+    name = f"hooktest/embedded-probe:{secrets.token_hex(3)}"
+    _embedded_archive(embedded, base_images["busybox"].format(arch="amd64"), name)
+    (embedded / "01-broken.tar").write_bytes(b"not an image archive")
+    with socket.socket(socket.AF_UNIX) as stale:  # a socket left by an earlier dockerd
+        stale.bind(str(private.sock))
+    args = private.hook_docker_args(write_cmdline(tmp_path / "cmdline", ""), "--embedded-dir", str(embedded),
+                                    "--docker-socket", str(private.sock))
+    at = args.index("-H")
+    del args[at:at + 2]  # dockerd's sockets are hook-docker's to choose now
+    running = Running(HOOK_DOCKER, args, tmp_path / "log")
+    try:
+        running.wait_for("loading them into dockerd")
+        assert not os.path.lexists(private.sock), "the docker socket is there before the images are loaded"
+        output = running.wait_for("is ready", timeout=90)
+        assert os.readlink(private.sock) == "dockerd.sock"
+        assert f"-H unix://{private.base / 'dockerd.sock'}" in output
+        assert f"removed the stale {private.sock}" in output
+        assert output.index(f"loaded embedded image {name} from 00-probe.tar") < output.index("is ready")
+        assert re.search(r"loading the embedded image archive .*01-broken.tar failed \(attempt 3/3\): .*giving up",
+                         output), output
+        assert "embedded image archive(s) 01-broken.tar could not be loaded" in output
+        assert name in [tag for image in private.client().images.list() for tag in image.tags]
+
+        pid = private.dockerd_pid()
+        os.kill(pid, signal.SIGKILL)  # the restarted dockerd answers through the same link
+        wait_until(lambda: private.pidfile.exists() and private.dockerd_pid() != pid and private.answers(),
+                   what="the restarted dockerd", timeout=60)
+        assert name in [tag for image in private.client().images.list() for tag in image.tags]
+        assert running.output.count("embedded images loaded in") == 1  # loaded once
+    finally:
+        stop_cleanly(running, private)
+
+
+def test_embedded_archive_names() -> None:
+    folder = Path(tempfile.mkdtemp(prefix="hd-embedded-"))
+    try:
+        for name in ("01-b.tar", "00-a.tar", "notes.txt", ".00-a.tar.spool"):
+            (folder / name).write_bytes(b"")
+        (folder / "02-dir.tar").mkdir()
+        assert [p.name for p in hook_docker.embedded_archives(folder)] == ["00-a.tar", "01-b.tar"]
+        assert hook_docker.embedded_archives(folder / "missing") == []
+    finally:
+        subprocess.run(["rm", "-rf", str(folder)], check=False)

@@ -30,6 +30,12 @@ def test_hook_yaml_runs_our_images_with_what_they_need() -> None:
     docker, bootkit = services["hook-docker"], services["hook-bootkit"]
     # what docs/programs.md says each program needs
     assert (docker["net"], docker["pid"], docker["capabilities"]) == ("host", "host", ["all"])
+    # hook-docker sets the network up (ipam=, vlan_id=, interface=, else DHCP): no dhcpcd anywhere,
+    # and the host's UTS namespace for ipam='s host name
+    assert docker["uts"] == "host"
+    # ... and the console its lines go to (HOOK_CONSOLE): the devices cgroup must allow c 5:1
+    assert {"path": "/dev/console", "type": "c", "major": 5, "minor": 1, "mode": "0600"} in docker["devices"]
+    assert not [e["name"] for e in config["onboot"] + config["services"] if "dhcp" in e["name"] + e["image"]]
     assert any(m["type"] == "cgroup" and "rw" in m["options"] for m in docker["mounts"])
     for bind in ("/dev:/dev", "/lib/modules:/lib/modules", "/etc/resolv.conf:/etc/resolv.conf",
                  "/var/run/docker:/var/run", "/var/lib/docker:/var/lib/docker", "/var/run/worker:/worker"):
@@ -63,7 +69,7 @@ def test_unknown_key_names_file_and_key(tmp_path: Path) -> None:
                                                                             "    nett: host\n    pid: host")
     with pytest.raises(HookError) as err:
         linuxkit.parse(text, "linuxkit/hook.yaml")
-    assert "linuxkit/hook.yaml: services[4]:" in str(err.value)
+    assert "linuxkit/hook.yaml: services[3]:" in str(err.value)
     assert "'nett' was unexpected" in str(err.value)
 
 
@@ -92,3 +98,17 @@ def test_ssh_keys_refused_when_none(tmp_path: Path) -> None:
         linuxkit.ssh_public_keys([str(tmp_path / "*.pub")])
     (tmp_path / "id.pub").write_text("ssh-ed25519 AAAAC3 me@host\n\n")
     assert linuxkit.ssh_public_keys([str(tmp_path / "*.pub")]) == "ssh-ed25519 AAAAC3 me@host\n"
+
+
+def test_embedded_images_folder_and_generated_config() -> None:
+    """hook.yaml always has /usr/share/hook/embedded (hook-docker binds it read-only); the config
+    tasks/embed.py generates for the archives passes LinuxKit's schema."""
+    from tasks.embed import OS_DIR, embed_config
+
+    config = linuxkit.parse(linuxkit.render(ROOT / "linuxkit" / "hook.yaml", VALUES), "hook.yaml")
+    docker = next(s for s in config["services"] if s["name"] == "hook-docker")
+    assert f"/{OS_DIR}:/{OS_DIR}:ro" in docker["binds"]
+    assert {"path": OS_DIR, "directory": True, "mode": "0755"} in config["files"]
+    generated = linuxkit.parse(embed_config([{"file": "embedded/00-a_b_1.tar"}]), "embed.yaml")
+    assert generated == {"files": [{"path": f"{OS_DIR}/00-a_b_1.tar", "source": "embedded/00-a_b_1.tar",
+                                    "mode": "0444"}]}

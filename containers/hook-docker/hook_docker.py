@@ -19,6 +19,8 @@ import os
 import re
 import shlex
 import signal
+import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -26,6 +28,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from http.client import HTTPConnection
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +36,17 @@ import requests
 from hookcommon import http
 from hookcommon.cmdline import DEFAULT_CMDLINE_FILE, KEYS, HookConfig, load_config, registry_host, syslog_address
 from hookcommon.log import reason, setup_logging
-from hookcommon.retry import Backoff, StepError, Stopping, StopSignal, add_backoff_options, backoff_from, retry
+from hookcommon.network import Network, NetworkOptions
+from hookcommon.retry import (
+    Backoff,
+    GaveUp,
+    StepError,
+    Stopping,
+    StopSignal,
+    add_backoff_options,
+    backoff_from,
+    retry,
+)
 
 PROGRAM = "hook-docker"
 EXIT_CONFIG = 2
@@ -174,6 +187,12 @@ class Options:
     reboot_poll: float
     stop_timeout: float
     backoff: Backoff
+    # the network set-up from the cmdline (hookcommon/network.py); None: leave the network alone
+    network: NetworkOptions | None = None
+    network_wait: float = 30.0
+    # embedded images (docs/embedded.md): archives loaded before the docker socket appears
+    embedded_dir: Path = Path("/usr/share/hook/embedded")
+    docker_socket: Path = Path("/var/run/docker.sock")
 
     @property
     def daemon_json(self) -> Path:
@@ -182,6 +201,8 @@ class Options:
 
 class HookDocker:
     """daemon.json, the CA fetcher, the reboot watcher and the dockerd supervisor."""
+
+    network: Network | None = None
 
     def __init__(self, options: Options, cfg: HookConfig, stop: StopSignal) -> None:
         self.options = options
@@ -194,6 +215,7 @@ class HookDocker:
         stop.on_stop(self.forward)
 
     def run(self) -> None:
+        self.start_network()
         retry(lambda: write_daemon_json(self.options.daemon_json, self.cfg),
               what=f"writing {self.options.daemon_json}", log=log, stop=self.stop,
               backoff=self.options.backoff)
@@ -201,11 +223,36 @@ class HookDocker:
             threading.Thread(target=self._stoppable, args=(self.fetch_ca,), name="ca", daemon=True).start()
         threading.Thread(target=self._stoppable, args=(self.watch_reboot,), name="reboot",
                          daemon=True).start()
+        self.start_embedded()
+        self.wait_for_network()
         self.supervise()
 
     def _stoppable(self, target: Callable[[], None]) -> None:
         with contextlib.suppress(Stopping):
             target()
+
+    # --- the network (ipam=, vlan_id=, interface=, else DHCP): before dockerd ----------------
+
+    def start_network(self) -> None:
+        """Set the network up as the cmdline asks; the DHCP clients it starts run until the stop."""
+        if self.options.network is None:
+            log.info("network: left alone (--no-network)")
+            return
+        self.network = Network(self.cfg, self.options.network, stop=self.stop, backoff=self.options.backoff,
+                               log=log, lock=self._command_lock)
+        self.network.start()
+
+    def wait_for_network(self) -> None:
+        """dockerd waits for an address, but at most --network-wait seconds (then it starts anyway)."""
+        if self.network is not None:
+            self.network.wait_ready(self.options.network_wait)
+
+    def _ours(self, pid: int) -> bool:
+        """A child that its owner here waits for (dockerd, a DHCP client): not for the reaper."""
+        proc = self._proc
+        if proc is not None and proc.returncode is None and pid == proc.pid:
+            return True
+        return self.network is not None and pid in self.network.child_pids()
 
     # --- the registry CA ---------------------------------------------------------------------
 
@@ -265,7 +312,7 @@ class HookDocker:
 
     def dockerd_command(self) -> list[str]:
         return [self.options.dockerd, "--config-file", str(self.options.daemon_json),
-                *self.options.dockerd_args]
+                *self.options.dockerd_args, *self.embedded_dockerd_args()]
 
     def dockerd_env(self) -> dict[str, str]:
         return {**os.environ, **self.cfg.proxy_env()}
@@ -330,8 +377,7 @@ class HookDocker:
         if not self._command_lock.acquire(blocking=False):
             return
         try:
-            proc = self._proc
-            reaped = reap_orphans(lambda pid: proc is not None and proc.returncode is None and pid == proc.pid)
+            reaped = reap_orphans(self._ours)
         finally:
             self._command_lock.release()
         if reaped:
@@ -347,6 +393,177 @@ class HookDocker:
     def _wait(self, seconds: float) -> None:
         self.stop.event.wait(seconds)
 
+    # --- embedded images (docs/embedded.md) ---------------------------------------------------
+
+    #: The archives found at start; while there are any, dockerd listens on dockerd_socket only.
+    _embedded: tuple[Path, ...] = ()
+
+    @property
+    def dockerd_socket(self) -> Path:
+        """Where dockerd listens while embedded images load; the docker socket becomes a link to it."""
+        return self.options.docker_socket.parent / DOCKERD_SOCKET_NAME
+
+    def embedded_dockerd_args(self) -> list[str]:
+        return ["-H", f"unix://{self.dockerd_socket}"] if self._embedded else []
+
+    def start_embedded(self) -> None:
+        """With embedded images: dockerd gets a socket of its own, and a thread loads the images
+        through it, then makes the docker socket (which bootkit waits for) appear."""
+        self._embedded = tuple(embedded_archives(self.options.embedded_dir))
+        if not self._embedded:
+            log.info("no embedded images in %s", self.options.embedded_dir)
+            return
+        if any(arg in ("-H", "--host") or arg.startswith(("-H", "--host=")) for arg in self.options.dockerd_args):
+            log.warning("dockerd's own -H sockets answer before the embedded images are loaded")
+        remove_socket(self.options.docker_socket)
+        threading.Thread(target=self._stoppable, args=(self.load_embedded,), name="embedded", daemon=True).start()
+
+    def load_embedded(self) -> None:
+        archives = self._embedded
+        public, private = self.options.docker_socket, self.dockerd_socket
+        started = time.monotonic()
+        log.info("%d embedded image archive(s) in %s (%.1f MB): loading them into dockerd at %s before %s appears",
+                 len(archives), self.options.embedded_dir, sum(_size(a) for a in archives) / 1e6, private, public)
+        waited = time.monotonic()
+        while not engine_answers(private):
+            if time.monotonic() - waited >= 15:
+                log.info("still waiting for dockerd at %s to load the embedded images", private)
+                waited = time.monotonic()
+            self.stop.sleep(0.2)
+        loaded: list[str] = []
+        failed: list[str] = []
+        for archive in archives:
+            try:
+                loaded += retry(lambda archive=archive: self._load(archive),
+                                what=f"loading the embedded image archive {archive}", log=log, stop=self.stop,
+                                backoff=self.options.backoff, attempts=EMBEDDED_LOAD_ATTEMPTS)
+            except GaveUp:
+                failed.append(archive.name)
+        retry(lambda: expose_socket(public, private), what=f"making {public} point at {private}", log=log,
+              stop=self.stop, backoff=self.options.backoff)
+        if failed:
+            log.error("embedded image archive(s) %s could not be loaded: those images are pulled from the "
+                      "registry instead", ", ".join(failed))
+        log.info("embedded images loaded in %.1fs: %s; the docker socket %s -> %s is ready",
+                 time.monotonic() - started, ", ".join(loaded) or "none", public, private.name)
+
+    def _load(self, archive: Path) -> list[str]:
+        """Load one archive into dockerd through its own socket (POST /images/load, what `docker load`
+        does, without starting the docker CLI: seconds under emulation); the names it loaded."""
+        started = time.monotonic()
+        try:
+            names = load_archive(self.dockerd_socket, archive, timeout=EMBEDDED_LOAD_TIMEOUT)
+        except (OSError, ValueError) as exc:
+            raise StepError(f"POST /images/load to {self.dockerd_socket}: {reason(exc)}") from None
+        log.info("loaded embedded image %s from %s (%.1f MB) in %.1fs", ", ".join(names) or "(no name)",
+                 archive.name, _size(archive) / 1e6, time.monotonic() - started)
+        return names
+
+# --- embedded images: helpers --------------------------------------------------------------------
+
+#: dockerd's own socket, beside the docker socket, while embedded images load.
+DOCKERD_SOCKET_NAME = "dockerd.sock"
+EMBEDDED_LOAD_ATTEMPTS = 3
+EMBEDDED_LOAD_TIMEOUT = 900.0
+
+
+def embedded_archives(folder: Path) -> list[Path]:
+    """The image archives (`docker load` format, `*.tar`) in folder, in name order; [] when none."""
+    try:
+        return sorted(p for p in folder.iterdir() if p.name.endswith(".tar") and p.is_file())
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    except OSError as exc:
+        log.error("cannot list the embedded images in %s (%s): none is loaded", folder, reason(exc))
+        return []
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+class _UnixHTTPConnection(HTTPConnection):
+    def __init__(self, path: Path, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(str(self._path))
+        self.sock = sock
+
+
+def engine_answers(path: Path, timeout: float = 5.0) -> bool:
+    """True when a docker engine answers GET /_ping on the unix socket at path."""
+    conn = _UnixHTTPConnection(path, timeout)
+    try:
+        conn.request("GET", "/_ping")
+        return conn.getresponse().status == 200
+    except (OSError, ValueError):
+        return False
+    finally:
+        conn.close()
+
+
+def load_archive(path: Path, archive: Path, *, timeout: float) -> list[str]:
+    """POST an image archive to the engine on the unix socket at path; the names it loaded.
+
+    ValueError with the engine's message when it refuses the archive."""
+    conn = _UnixHTTPConnection(path, timeout)
+    try:
+        with archive.open("rb") as body:
+            conn.request("POST", "/images/load?quiet=1", body=body,
+                         headers={"Content-Type": "application/x-tar", "Content-Length": str(_size(archive))})
+            answer = conn.getresponse()
+            text = answer.read().decode("utf-8", "replace")
+    finally:
+        conn.close()
+    names: list[str] = []
+    for line in filter(None, (x.strip() for x in text.splitlines())):
+        try:
+            event = json.loads(line)
+        except ValueError:
+            event = {"message": line}
+        error = event.get("errorDetail", {}).get("message") or event.get("error")
+        if answer.status != 200 or error:
+            raise ValueError(f"HTTP {answer.status}: {error or event.get('message') or line}")
+        stream = str(event.get("stream", ""))
+        if stream.startswith("Loaded image"):
+            names.append(stream.split(":", 1)[1].strip())
+    if answer.status != 200:
+        raise ValueError(f"HTTP {answer.status} {answer.reason}")
+    return names
+
+
+def remove_socket(path: Path) -> None:
+    """Remove a stale docker socket (or our link) left at path; anything else there is left alone."""
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(mode) or stat.S_ISSOCK(mode):
+        path.unlink(missing_ok=True)
+        log.info("removed the stale %s", path)
+    else:
+        log.warning("%s exists and is not a socket: left alone", path)
+
+
+def expose_socket(public: Path, private: Path) -> None:
+    """Make public a symbolic link to private (relative when both are in one folder), atomically."""
+    target = private.name if private.parent == public.parent else str(private)
+    tmp = public.with_name(f".{public.name}.{os.getpid()}")
+    try:
+        tmp.unlink(missing_ok=True)
+        os.symlink(target, tmp)
+        os.replace(tmp, public)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise StepError(reason(exc)) from None
+
 
 def describe_exit(code: int) -> str:
     if code < 0:
@@ -357,10 +574,44 @@ def describe_exit(code: int) -> str:
     return f"exit status {code}"
 
 
+def add_network_options(parser: argparse.ArgumentParser) -> None:
+    net = parser.add_argument_group("network (set up from ipam=, vlan_id=, interface=, else DHCP; before dockerd)")
+    net.add_argument("--no-network", action="store_true",
+                     help="leave the network alone (to run hook-docker on a machine whose network is set up)")
+    net.add_argument("--network-wait", type=float, default=30.0, metavar="SECONDS",
+                     help="dockerd waits at most this long for a DHCP lease (default: %(default)s)")
+    net.add_argument("--link-wait", type=float, default=10.0, metavar="SECONDS",
+                     help="how long the NIC named by ipam=, hw_addr= or interface= may take to appear "
+                          "(default: %(default)s)")
+    net.add_argument("--resolv-conf", type=Path, default=Path("/etc/resolv.conf"), metavar="PATH",
+                     help="written in place from ipam= or the DHCP leases (default: %(default)s)")
+
+
+def network_options_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    if args.network_wait < 0 or args.link_wait < 0:
+        parser.error("--network-wait and --link-wait must be >= 0")
+    if args.no_network:
+        return {"network": None}
+    return {"network": NetworkOptions(resolv_conf=args.resolv_conf, link_wait=args.link_wait),
+            "network_wait": args.network_wait}
+
+
+def add_embedded_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("embedded images (loaded into dockerd before the docker socket appears)")
+    group.add_argument("--embedded-dir", type=Path, default=Options.embedded_dir, metavar="DIR",
+                       help="image archives (*.tar, `docker load` format) to load, in name order; none there: "
+                            "dockerd starts as usual (default: %(default)s)")
+    group.add_argument("--docker-socket", type=Path, default=Options.docker_socket, metavar="PATH",
+                       help="with embedded images: the socket bootkit and tink-worker use, made a link to "
+                            f"dockerd's own {DOCKERD_SOCKET_NAME} beside it once they are loaded "
+                            "(default: %(default)s)")
+
+
 def parse_args(argv: Sequence[str] | None) -> Options:
     keys = "\n".join(f"  {key:24} {text}" for key, text in KEYS.items()
                      if key in ("insecure_registries", "syslog_host", "docker_registry", "packet_base_url",
-                                "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY"))
+                                "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ipam", "vlan_id", "hw_addr",
+                                "interface"))
     parser = argparse.ArgumentParser(
         prog=PROGRAM, formatter_class=argparse.RawDescriptionHelpFormatter,
         usage="%(prog)s [options] [-- DOCKERD_ARG ...]",
@@ -387,6 +638,8 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     parser.add_argument("--stop-timeout", type=float, default=20.0, metavar="SECONDS",
                         help="how long dockerd may take to stop before it is killed (default: %(default)s)")
     add_backoff_options(parser)
+    add_network_options(parser)
+    add_embedded_options(parser)
     parser.add_argument("dockerd_args", nargs="*", metavar="DOCKERD_ARG", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     reboot_command = tuple(shlex.split(args.reboot_command))
@@ -399,6 +652,8 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         worker_dir=args.worker_dir, dockerd=args.dockerd, dockerd_args=tuple(args.dockerd_args),
         reboot_command=reboot_command, reboot_poll=args.reboot_poll, stop_timeout=args.stop_timeout,
         backoff=backoff_from(args, parser),
+        **network_options_from(args, parser),
+        embedded_dir=args.embedded_dir, docker_socket=args.docker_socket,
     )
 
 
