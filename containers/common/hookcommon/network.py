@@ -616,8 +616,10 @@ class Network:
         return [n for n in self.links() if n.startswith("e") and "." not in n]
 
     def _dhcp_everywhere(self) -> None:
-        names = self._wait_for(lambda: ",".join(self._dhcp_candidates()) or None)
-        names = names.split(",") if names else []
+        # No wait for interfaces here: the NIC drivers loaded onboot, a late one (USB) is found by
+        # the rescan below, and a machine with no NIC at all (air-gapped, embedded images) should
+        # not hold dockerd back.
+        names = self._dhcp_candidates()
         started = self._start_unaddressed(names)
         if started:
             self.say(logging.INFO, f"DHCP on {', '.join(started)} (every interface whose name starts with 'e')")
