@@ -45,6 +45,8 @@ class Timed:
     linuxkit: float
     buildx: float
     docker: float
+    convert: float  # ours: the initramfs convert engine (a decompress and recompress of the whole OS)
+    package: float  # ours: tarballs and checksums
     tasks: list[str]
 
     @property
@@ -55,13 +57,15 @@ class Timed:
 def timed_build(project: Project, timings: Path) -> Timed:
     timings.write_text("")
     result = project.doit("dev_dist", extra_env={"HOOK_TIMINGS": str(timings)})
-    spent = {"linuxkit": 0.0, "buildx": 0.0, "docker": 0.0}
+    spent = {"linuxkit": 0.0, "buildx": 0.0, "docker": 0.0, "hook convert": 0.0, "hook package": 0.0}
     for line in timings.read_text().splitlines():
         entry = json.loads(line)
-        kind = ("linuxkit" if entry["tool"].startswith("linuxkit") else
-                "buildx" if entry["tool"] == "docker buildx build" else "docker")
+        tool = entry["tool"]
+        kind = (tool if tool in spent else "linuxkit" if tool.startswith("linuxkit") else
+                "buildx" if tool == "docker buildx build" else "docker")
         spent[kind] += entry["seconds"]
-    return Timed(result.seconds, spent["linuxkit"], spent["buildx"], spent["docker"], result.executed)
+    return Timed(result.seconds, spent["linuxkit"], spent["buildx"], spent["docker"], spent["hook convert"],
+                 spent["hook package"], result.executed)
 
 
 def main() -> int:
@@ -83,10 +87,12 @@ def main() -> int:
                        "xargs -r docker rmi -f", shell=True, capture_output=True)
 
     print()
-    print(f"{'build':<24}{'wall s':>9}{'linuxkit s':>12}{'buildx s':>10}{'docker s':>10}{'ours s':>9}  tasks")
+    print(f"{'build':<24}{'wall s':>9}{'linuxkit s':>12}{'buildx s':>10}{'docker s':>10}{'ours s':>9}"
+          f"{'(convert':>10}{'package':>9}{'rest)':>7}  tasks")
     for name, t in (("clean", clean), (f"no-op (median of {args.runs})", noop), ("one file (hook-bootkit)", one)):
-        print(f"{name:<24}{t.wall:9.2f}{t.linuxkit:12.2f}{t.buildx:10.2f}{t.docker:10.2f}{t.ours:9.2f}  "
-              f"{', '.join(t.tasks) or 'none'}")
+        rest = t.ours - t.convert - t.package
+        print(f"{name:<24}{t.wall:9.2f}{t.linuxkit:12.2f}{t.buildx:10.2f}{t.docker:10.2f}{t.ours:9.2f}"
+              f"{t.convert:10.2f}{t.package:9.2f}{rest:7.2f}  {', '.join(t.tasks) or 'none'}")
     print()
     noop_walls = statistics.median(t.wall for t in noops)
     checks = [
