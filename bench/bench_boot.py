@@ -85,6 +85,8 @@ def main() -> int:
                 with g:
                     try:
                         g.wait_for(MARKER, timeout=args.timeout)
+                        # bootkit says "running" after its --running-check (3 s) once tink-worker started
+                        g.wait_for("hook-bootkit: INFO tink-worker is running", timeout=60)
                         results[memory] = dict(g.milestones)
                     except HookError:
                         tail = [line for line in g.console.splitlines() if line.strip()][-3:]
