@@ -93,6 +93,8 @@ def test_whole_chain_then_reboot(dev_boot_files: tuple[Path, Path], worker_regis
     with guest(kernel, initrd, tmp_path / "console.log", cmdline=tinkerbell_cmdline(),
                registry_port=worker_registry.port) as g:
         g.wait_for(MARKER, timeout=BOOT_TIMEOUT)
+        # bootkit says so on the console once tink-worker kept running for its --running-check
+        g.wait_for("hook-bootkit: INFO tink-worker is running", timeout=60)
         report(g, "whole chain")
         # the test tink-worker prints the registry user and a hash of the password it was given
         pw_hash = hashlib.sha256(REGISTRY_PASSWORD.encode()).hexdigest()[:16]

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tarfile
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -197,7 +198,8 @@ def test_interrupted_linuxkit_build_is_stopped_and_redone(dev_project: Project, 
 def test_interrupted_image_build_is_stopped_and_redone(dev_project: Project, tmp_path: Path) -> None:
     project = _copy(dev_project, tmp_path / "hook")
     # a changed requirements file re-runs the pip step: a build that lasts long enough to interrupt
-    project.edit("containers/hook-bootkit/requirements.txt", "\n# interrupted build\n")
+    # (new each time: BuildKit's cache would skip a step it has seen)
+    project.edit("containers/hook-bootkit/requirements.txt", f"\n# interrupted build {uuid.uuid4()}\n")
     code, output = _interrupt_when(project, "sh /tmp/pip-install.sh /tmp/requirements.txt", signal.SIGTERM)
     assert code != 0
     assert re.search(rf"hook: image_load:hook-bootkit-{ARCH} failed: interrupted \(stopped \S*docker buildx build\)",

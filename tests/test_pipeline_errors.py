@@ -59,7 +59,7 @@ def test_malformed_hook_yaml_names_file_and_key(project: Project) -> None:
     result = project.doit("dev_dist", check=False)
     assert result.returncode != 0
     line = _failure(result)
-    assert line.startswith(f"hook: linuxkit:dev-{ARCH} failed: linuxkit/hook.yaml: services[4]: ")
+    assert line.startswith(f"hook: linuxkit:dev-{ARCH} failed: linuxkit/hook.yaml: services[3]: ")
     assert "'capabilites' was unexpected" in line
     _no_finished_outputs(project)
     again = project.doit("dev_dist", check=False)
