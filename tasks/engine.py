@@ -13,26 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import http.client
 import json
 import os
-import socket
 import subprocess
 from collections.abc import Mapping
 
+from hookcommon.unixhttp import UnixHTTPConnection
+
 DEFAULT_SOCKET = "/var/run/docker.sock"
-
-
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        sock.connect(self._path)
-        self.sock = sock
 
 
 def _socket_path(environ: Mapping[str, str]) -> str | None:
@@ -48,7 +36,7 @@ def _socket_path(environ: Mapping[str, str]) -> str | None:
 
 def _from_socket(path: str) -> dict[str, str] | None:
     try:
-        conn = _UnixConnection(path, timeout=5)
+        conn = UnixHTTPConnection(path, timeout=5)
         try:
             conn.request("GET", "/images/json")
             answer = conn.getresponse()

@@ -19,7 +19,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -28,7 +27,6 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from http.client import HTTPConnection
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +45,7 @@ from hookcommon.retry import (
     backoff_from,
     retry,
 )
+from hookcommon.unixhttp import UnixHTTPConnection
 
 PROGRAM = "hook-docker"
 EXIT_CONFIG = 2
@@ -485,21 +484,9 @@ def _size(path: Path) -> int:
         return 0
 
 
-class _UnixHTTPConnection(HTTPConnection):
-    def __init__(self, path: Path, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        sock.connect(str(self._path))
-        self.sock = sock
-
-
 def engine_answers(path: Path, timeout: float = 5.0) -> bool:
     """True when a docker engine answers GET /_ping on the unix socket at path."""
-    conn = _UnixHTTPConnection(path, timeout)
+    conn = UnixHTTPConnection(path, timeout)
     try:
         conn.request("GET", "/_ping")
         return conn.getresponse().status == 200
@@ -513,7 +500,7 @@ def load_archive(path: Path, archive: Path, *, timeout: float) -> list[str]:
     """POST an image archive to the engine on the unix socket at path; the names it loaded.
 
     ValueError with the engine's message when it refuses the archive."""
-    conn = _UnixHTTPConnection(path, timeout)
+    conn = UnixHTTPConnection(path, timeout)
     try:
         with archive.open("rb") as body:
             conn.request("POST", "/images/load?quiet=1", body=body,
