@@ -9,6 +9,7 @@ Memory holds only the entries' metadata. An input that starts with an uncompress
 archive (microcode, ACPI tables under kernel/) keeps it: it is written first, uncompressed.
 
     python -m tasks.initramfs repack INPUT OUTPUT [--compression gzip|zstd] [--level N] [--merge-early]
+                                                  [--no-reuse]
     python -m tasks.initramfs list INPUT
     python -m tasks.initramfs verify INPUT [--quick]
 """
@@ -21,10 +22,12 @@ import json
 import lzma
 import mmap
 import os
+import queue
 import stat
 import struct
 import sys
 import tempfile
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -45,8 +48,17 @@ except ImportError:
     from backports import zstd
 
 CHUNK = 1 << 20
-#: Uncompressed bytes per parallel deflate block: fixed, so the output never depends on the cores.
-GZIP_BLOCK = 1 << 20
+#: Parallel deflate blocks end at places chosen by the content, never by the cores: before an
+#: entry whose name hashes to 0 mod MARK_EVERY and every BODY_MARK bytes into a large file's data,
+#: once the block holds GZIP_BLOCK_MIN bytes; at GZIP_BLOCK_MAX in any case. So a changed, added or
+#: removed file changes only the blocks around it, and the next repack copies the others from its
+#: previous output instead of compressing them again (_OldBlocks).
+GZIP_BLOCK_MIN = 64 << 10
+GZIP_BLOCK_MAX = 2 << 20
+BODY_MARK = 1 << 20
+MARK_EVERY = 16
+#: What a compressed block's bytes depend on besides its input: the deflate library and its version.
+DEFLATE_ID = f"zlib-ng {zlib_ng.ZLIBNG_RUNTIME_VERSION}"
 #: How much of a file's start and end quick_check hashes.
 EDGE = 64 << 10
 COMPRESSIONS = {"gzip": range(1, 10), "zstd": range(1, 20)}
@@ -223,6 +235,56 @@ class _Decoder:
         )
 
 
+class _Prefetch:
+    """read(CHUNK) of a decoder, run in a thread up to DEPTH chunks ahead of the reader, so that
+    decompression (zlib-ng, zstd and lzma release the GIL) overlaps parsing and spooling.
+    An error reaches the reader in its place in the stream; close() stops the thread."""
+
+    DEPTH = 8
+
+    def __init__(self, read: Callable[[int], bytes]) -> None:
+        self._read = read
+        self._queue: queue.Queue[bytes | BaseException] = queue.Queue(self.DEPTH)
+        self._stop = threading.Event()
+        self._ended = False
+        self._thread = threading.Thread(target=self._run, name="decompress", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                chunk = self._read(CHUNK)
+                self._put(chunk)
+                if not chunk:
+                    return
+        except BaseException as exc:  # noqa: BLE001 - handed to the reader, raised there
+            self._put(exc)
+
+    def _put(self, item: bytes | BaseException) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def read(self, n: int) -> bytes:
+        """The next decoded chunk (its size is the decoder's, whatever n is); b'' at the end."""
+        if self._ended:
+            return b""
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            self._ended = True
+            raise item
+        if not item:
+            self._ended = True
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def _compression_of(head: bytes, offset: int) -> str:
     for magic, kind in ((GZIP_MAGIC, "gzip"), (ZSTD_MAGIC, "zstd"), (XZ_MAGIC, "xz")):
         if head.startswith(magic):
@@ -314,13 +376,17 @@ class _Scanner:
                 kind = _compression_of(head, raw.pos)
                 self.streams.append(kind)
                 dec = _Decoder(raw, kind, self.budget)
-                stream = _Source(dec.read)
-                label = f"byte {{}} of the {dec.label}"
-                while True:
-                    stream.skip_zeros()
-                    if not stream.peek(1):
-                        break
-                    yield from self._archive(stream, label, base=stream.pos, size=None)
+                ahead = _Prefetch(dec.read)  # raw is the decoder's alone until it ends
+                try:
+                    stream = _Source(ahead.read)
+                    label = f"byte {{}} of the {dec.label}"
+                    while True:
+                        stream.skip_zeros()
+                        if not stream.peek(1):
+                            break
+                        yield from self._archive(stream, label, base=stream.pos, size=None)
+                finally:
+                    ahead.close()
         if self.archives == 0:
             raise HookError(f"{self.src} holds no cpio archive: is it an initramfs?")
 
@@ -538,6 +604,20 @@ class _Plan:
     dedup_files: int
 
 
+def _stable_ino(name: bytes, used: set[int]) -> int:
+    """An inode number from the name, unique in the archive (the next free one on a clash).
+
+    Not a running count: a file added or removed then changes no other entry's header, so the
+    compressed blocks around the rest of the archive stay the same (see _GzipWriter's reuse).
+    Only hardlinks (nlink >= 2) share a number, as the kernel and cpio read it.
+    """
+    ino = zlib_ng.crc32(name) & 0x7FFFFFFF or 1
+    while ino in used:
+        ino = ino % 0x7FFFFFFF + 1
+    used.add(ino)
+    return ino
+
+
 def _plan(tree: _Tree, *, dedup: bool, spool: memoryview, links: bool = True) -> _Plan:
     """Group regular files into output hardlinks, number inodes, size the output.
 
@@ -555,14 +635,19 @@ def _plan(tree: _Tree, *, dedup: bool, spool: memoryview, links: bool = True) ->
         elif entry.link_key is not None:
             groups.setdefault(("link", entry.link_key, *meta), []).append(entry)
 
+    # Files of one size and metadata are told apart by a hash of their data, hashed on all cores
+    # (hashlib releases the GIL).
+    spans = sorted({(m.data, m.size) for key, members in groups.items() if key[0] == "content"
+                    and len({m.data for m in members}) > 1 for m in members})
+    with ThreadPoolExecutor(max_workers=len(os.sched_getaffinity(0))) as pool:
+        hashes = dict(zip((at for at, _ in spans),
+                          pool.map(lambda span: hashlib.sha256(spool[span[0]:span[0] + span[1]]).digest(), spans),
+                          strict=True))
     final: list[list[_Entry]] = []
     for key, members in groups.items():
         if key[0] == "content" and len({m.data for m in members}) > 1:
             digests: dict[bytes, list[_Entry]] = {}
-            hashes: dict[int, bytes] = {}
             for m in members:
-                if m.data not in hashes:
-                    hashes[m.data] = hashlib.sha256(spool[m.data:m.data + m.size]).digest()
                 digests.setdefault(hashes[m.data], []).append(m)
             final.extend(digests.values())
         else:
@@ -579,15 +664,14 @@ def _plan(tree: _Tree, *, dedup: bool, spool: memoryview, links: bool = True) ->
         for m in members:
             group_of[id(m)] = members
 
-    ino = 0
+    used: set[int] = set()
     size = 0
     for entry in tree.order:
         members = group_of.get(id(entry))
         if members is not None and members[0] is not entry:
             entry.ino = members[0].ino
         else:
-            ino += 1
-            entry.ino = ino
+            entry.ino = _stable_ino(entry.name, used)
         kind = entry.kind
         if kind == stat.S_IFREG:
             entry.nlink = len(members) if members else 1
@@ -616,61 +700,150 @@ def _deflate(block: memoryview | bytes, zdict: memoryview | bytes, level: int, l
     return out, zlib_ng.crc32(block)
 
 
+def _block_key(block: memoryview | bytes, zdict: memoryview | bytes, level: int, last: bool) -> str:
+    """Everything a block's compressed bytes depend on, hashed."""
+    digest = hashlib.sha256(f"{DEFLATE_ID}/{level}/{int(last)}/{len(zdict)}/".encode())
+    digest.update(zdict)
+    digest.update(block)
+    return digest.hexdigest()[:32]
+
+
+class _OldBlocks:
+    """The compressed blocks of the previous output at the same path, found by their keys.
+
+    Read through a descriptor opened before the new output replaces it. A block is used only when
+    its key matches, its length is the recorded one and its compressed bytes still have the
+    recorded CRC; anything else is compressed afresh, so the output bytes never depend on it.
+    """
+
+    def __init__(self, fd: int, blocks: dict[str, tuple[int, int, int, int, int]]) -> None:
+        self.fd = fd
+        self.blocks = blocks
+
+    @classmethod
+    def open(cls, dst: Path) -> _OldBlocks | None:
+        try:
+            record = json.loads(check_path(dst).read_text())
+            fd = os.open(dst, os.O_RDONLY)
+        except (OSError, ValueError):
+            return None
+        try:
+            st = os.fstat(fd)
+            if (record.get("format") == "hook-initramfs-check/1" and record.get("compression") == "gzip"
+                    and st.st_size == record["size"] and st.st_mtime_ns == record["mtime_ns"]):
+                blocks = {str(b[0]): (int(b[1]), int(b[2]), int(b[3]), int(b[4]), int(b[5]))
+                          for b in record.get("blocks", [])}
+                if blocks:
+                    return cls(fd, blocks)
+        except (OSError, KeyError, TypeError, ValueError, IndexError, AttributeError):
+            pass
+        os.close(fd)
+        return None
+
+    def get(self, key: str, length: int) -> tuple[bytes, int] | None:
+        """(compressed bytes, CRC of the uncompressed block) of a previous block, or None."""
+        found = self.blocks.get(key)
+        if found is None:
+            return None
+        offset, clen, ccrc, ulen, ucrc = found
+        if ulen != length or clen <= 0:
+            return None
+        try:
+            data = os.pread(self.fd, clen, offset)
+        except (OSError, ValueError, OverflowError):
+            return None
+        if len(data) != clen or zlib_ng.crc32(data) != ccrc:
+            return None
+        return data, ucrc
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def _block_job(block: memoryview | bytes, zdict: memoryview | bytes, level: int, last: bool,
+               old: _OldBlocks | None) -> tuple[bytes, int, str, int, bool]:
+    """In a worker thread: (compressed, CRC of block, key, CRC of compressed, reused)."""
+    key = _block_key(block, zdict, level, last)
+    hit = old.get(key, len(block)) if old is not None else None
+    if hit is not None:
+        out, crc = hit
+        reused = True
+    else:
+        out, crc = _deflate(block, zdict, level, last)
+        reused = False
+    return out, crc, key, zlib_ng.crc32(out), reused
+
+
 class _GzipWriter:
-    """One standard gzip member made like pigz: fixed-size blocks deflated in parallel, each primed
-    with the previous block's last 32 KiB and ended by a sync flush. Header mtime 0, no name."""
+    """One standard gzip member made like pigz: blocks deflated in parallel, each primed with the
+    previous block's last 32 KiB and ended by a sync flush. Header mtime 0, no name.
+
+    Blocks end at content-defined marks (see GZIP_BLOCK_MIN): the caller calls mark() where one
+    may end. Each block's key, place and CRCs are kept in .blocks for the check record, and
+    blocks that old (the previous output) holds are copied from it instead of compressed.
+    """
 
     HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\x03"
 
-    def __init__(self, fh: BinaryIO, level: int, threads: int) -> None:
+    def __init__(self, fh: BinaryIO, level: int, threads: int, old: _OldBlocks | None = None) -> None:
         self.fh = fh
         self.level = level
+        self.old = old
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="deflate")
-        self.inflight: deque[tuple[Future[tuple[bytes, int]], int]] = deque()
+        self.inflight: deque[tuple[Future[tuple[bytes, int, str, int, bool]], int]] = deque()
         self.depth = 2 * threads
-        self.pending = bytearray()
+        self.parts: list[memoryview] = []
+        self.pending = 0
         self.prev: memoryview | bytes = b""
         self.crc = 0
         self.size = 0
+        self.blocks: list[list[str | int]] = []
+        self.reused = 0
         fh.write(self.HEADER)
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         """Take data; the caller must not change it afterwards (blocks may be views of it)."""
         view = memoryview(data)
-        if self.pending:
-            take = min(GZIP_BLOCK - len(self.pending), len(view))
-            self.pending += view[:take]
+        while len(view):
+            take = min(GZIP_BLOCK_MAX - self.pending, len(view))
+            self.parts.append(view[:take])
+            self.pending += take
             view = view[take:]
-            if len(self.pending) == GZIP_BLOCK:
-                block, self.pending = self.pending, bytearray()
-                self._submit(memoryview(block), last=False)
-        while len(view) >= GZIP_BLOCK:
-            self._submit(view[:GZIP_BLOCK], last=False)
-            view = view[GZIP_BLOCK:]
-        self.pending += view
+            if self.pending == GZIP_BLOCK_MAX:
+                self._cut(last=False)
 
-    def _submit(self, block: memoryview, *, last: bool) -> None:
-        self.inflight.append((self.pool.submit(_deflate, block, self.prev[-32768:], self.level, last), len(block)))
+    def mark(self) -> None:
+        """A block may end here."""
+        if self.pending >= GZIP_BLOCK_MIN:
+            self._cut(last=False)
+
+    def _cut(self, *, last: bool) -> None:
+        parts, self.parts, self.pending = self.parts, [], 0
+        block = memoryview(parts[0] if len(parts) == 1 else b"".join(parts))
+        job = self.pool.submit(_block_job, block, self.prev[-32768:], self.level, last, self.old)
+        self.inflight.append((job, len(block)))
         self.prev = block
         while len(self.inflight) > self.depth:
             self._drain_one()
 
     def _drain_one(self) -> None:
         future, length = self.inflight.popleft()
-        out, crc = future.result()
+        out, crc, key, ccrc, reused = future.result()
+        self.blocks.append([key, self.fh.tell(), len(out), ccrc, length, crc])
+        self.reused += reused
         self.fh.write(out)
         self.crc = zlib_ng.crc32_combine(self.crc, crc, length)
         self.size += length
 
     def close(self) -> None:
         try:
-            block, self.pending = self.pending, bytearray()
-            self._submit(memoryview(block), last=True)
+            self._cut(last=True)
             while self.inflight:
                 self._drain_one()
             self.fh.write(struct.pack("<II", self.crc, self.size & 0xFFFFFFFF))
         finally:
             self.prev = b""
+            self.parts = []
             self.pool.shutdown(wait=True, cancel_futures=True)
 
 
@@ -694,11 +867,18 @@ class _ZstdWriter:
 
 
 def _emit(plan: _Plan, spool: memoryview, write: Callable[[bytes | bytearray | memoryview], None],
-          progress: _Progress | None, out: BinaryIO) -> None:
-    """Write the newc stream of plan to write(), in CHUNK-sized pieces (file data as spool views)."""
+          progress: _Progress | None, out: BinaryIO, mark: Callable[[], None] | None = None) -> None:
+    """Write the newc stream of plan to write(), in CHUNK-sized pieces (file data as spool views);
+    call mark() where a compressed block may end (see GZIP_BLOCK_MIN)."""
     buf = bytearray()
     done = 0
     for entry in plan.order:
+        if mark is not None and zlib_ng.crc32(entry.name) % MARK_EVERY == 0:
+            if buf:
+                write(buf)
+                done += len(buf)
+                buf = bytearray()
+            mark()
         kind = entry.kind
         body: bytes | memoryview = b""
         if kind == stat.S_IFREG and entry.store:
@@ -711,7 +891,10 @@ def _emit(plan: _Plan, spool: memoryview, write: Callable[[bytes | bytearray | m
         )
         if len(body) >= CHUNK // 4:
             write(buf)
-            write(body)
+            for offset in range(0, len(body), BODY_MARK):
+                if offset and mark is not None:
+                    mark()
+                write(body[offset:offset + BODY_MARK])
             done += len(buf) + len(body)
             buf = bytearray(b"\0" * cpio.pad4(len(body)))
         else:
@@ -751,6 +934,9 @@ class RepackStats:
     early_bytes: int = 0
     #: Why an uncompressed first archive was merged into the compressed one ('' when none was).
     early_note: str = ""
+    #: gzip: the deflate blocks written, and how many of them were copied from the previous output.
+    blocks: int = 0
+    reused_blocks: int = 0
 
     def __str__(self) -> str:
         compressed = self.bytes_out - self.early_bytes
@@ -761,11 +947,12 @@ class RepackStats:
                      f"{self.early_bytes} bytes")
         elif self.early_note:
             early = f", uncompressed first archive merged ({self.early_note})"
+        reused = f", {self.reused_blocks} of {self.blocks} blocks unchanged (copied)" if self.reused_blocks else ""
         return (
             f"{self.entries} entries, {_mib(self.bytes_in)} in -> {_mib(self.bytes_out)} out "
             f"(cpio {_mib(self.uncompressed)}, ratio {ratio:.2f}), dedup saved "
             f"{_mib(self.dedup_saved_bytes)} in {self.dedup_files} files, {self.duplicates} duplicate "
-            f"names, {self.parents_added} parents added{early}, {self.seconds:.1f}s"
+            f"names, {self.parents_added} parents added{early}{reused}, {self.seconds:.1f}s"
         )
 
 
@@ -850,7 +1037,8 @@ def _edges(fh: BinaryIO, size: int) -> tuple[bytes, bytes]:
     return head, fh.read(EDGE)
 
 
-def _write_check(dst: Path, compression: str, entries: int, uncompressed: int, early: int) -> None:
+def _write_check(dst: Path, compression: str, entries: int, uncompressed: int, early: int,
+                 blocks: list[list[str | int]]) -> None:
     st = dst.stat()
     main_head = b""
     with open(dst, "rb") as fh:
@@ -871,6 +1059,8 @@ def _write_check(dst: Path, compression: str, entries: int, uncompressed: int, e
     }
     if early:
         record["main_head_sha256"] = hashlib.sha256(main_head).hexdigest()
+    if blocks:  # [key, offset, compressed length, its CRC, length, its CRC]: for the next repack's reuse
+        record["blocks"] = blocks
     side = check_path(dst)
     tmp = side.with_name(side.name + ".tmp")
     tmp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
@@ -887,6 +1077,7 @@ def repack(
     dedup: bool = True,
     progress: bool | None = None,
     merge_early: bool = False,
+    reuse: bool = True,
 ) -> RepackStats:
     """Rewrite the initramfs src as one canonical, validated newc archive at dst.
 
@@ -898,6 +1089,8 @@ def repack(
     Atomic: writes a temporary file in dst's directory, fsyncs it and renames it over dst; on any
     error neither dst nor a temporary file remains (unless dst is src itself, which is left alone).
     max_output_bytes bounds the uncompressed size read and written (decompression bombs).
+    reuse=True (gzip): compressed blocks of the previous output at dst whose input is unchanged are
+    copied instead of compressed again; the output is the same bytes either way.
     progress=None shows progress only when stderr is a terminal.
     """
     started = time.monotonic()
@@ -911,6 +1104,9 @@ def repack(
     threads = len(os.sched_getaffinity(0))
     log_step(f"repack {src} -> {dst} ({compression} -{level}, {threads} threads{', dedup' if dedup else ''})")
     tmp: str | None = None
+    old: _OldBlocks | None = None
+    blocks: list[list[str | int]] = []
+    reused = 0
     try:
         with tempfile.TemporaryFile(dir=dst.parent, prefix=f".{dst.name}.", suffix=".spool") as spool:
             scanner = _Scanner(src, spool=spool, limit=max_output_bytes, progress=prog)
@@ -939,16 +1135,22 @@ def repack(
                         _emit(early, view, fh.write, prog, fh)
                     writer: _GzipWriter | _ZstdWriter
                     if compression == "gzip":
-                        writer = _GzipWriter(fh, level, threads)
+                        old = _OldBlocks.open(dst) if reuse else None
+                        writer = _GzipWriter(fh, level, threads, old)
                     else:
                         writer = _ZstdWriter(fh, level, threads, plan.size)
                     try:
-                        _emit(plan, view, writer.write, prog, fh)
+                        _emit(plan, view, writer.write, prog, fh,
+                              writer.mark if isinstance(writer, _GzipWriter) else None)
                     finally:
                         writer.close()
+                        if old is not None:
+                            old.close()
                     fh.flush()
                     os.fsync(fd)
                     bytes_out = fh.tell()
+                    if isinstance(writer, _GzipWriter):
+                        blocks, reused = writer.blocks, writer.reused
             finally:
                 view.release()
                 if mm is not None:
@@ -958,7 +1160,7 @@ def repack(
         tmp = None
         _fsync_dir(dst.parent)
         early_entries = len(early.order) if early else 0
-        _write_check(dst, compression, early_entries + len(plan.order), plan.size, early_size)
+        _write_check(dst, compression, early_entries + len(plan.order), plan.size, early_size, blocks)
     except BaseException as exc:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
@@ -983,7 +1185,7 @@ def repack(
         uncompressed=plan.size, dedup_saved_bytes=plan.dedup_saved, dedup_files=plan.dedup_files,
         duplicates=len(duplicates), parents_added=tree.parents_added + (early_tree.parents_added if early_tree else 0),
         seconds=time.monotonic() - started, early_entries=early_entries, early_bytes=early_size,
-        early_note=early_note,
+        early_note=early_note, blocks=len(blocks), reused_blocks=reused,
     )
     log_step(f"repacked {dst.name}: {stats}")
     return stats
@@ -1117,6 +1319,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="merge a leading uncompressed early-load archive (kernel/x86/microcode/..., "
                     "kernel/firmware/acpi/...) into the compressed one; by default it is written first, "
                     "uncompressed, where the kernel's early microcode loader and ACPI override look")
+    rp.add_argument("--no-reuse", dest="reuse", action="store_false",
+                    help="compress every block again; by default (gzip) the blocks of a previous OUTPUT "
+                    "whose input is unchanged are copied from it (the same bytes either way)")
     ls = sub.add_parser("list", help="list the entries of INPUT, like cpio -tv (numeric ids, UTC)")
     ls.add_argument("input", type=Path)
     vf = sub.add_parser("verify", help="exit 0 only if INPUT is a complete, well-formed initramfs")
@@ -1128,7 +1333,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "repack":
             repack(args.input, args.output, compression=args.compression, level=args.level,
                    max_output_bytes=args.max_output_bytes or None, dedup=args.dedup, progress=args.progress,
-                   merge_early=args.merge_early)
+                   merge_early=args.merge_early, reuse=args.reuse)
         elif args.command == "list":
             return _list(args.input)
         elif args.quick:
