@@ -39,6 +39,19 @@ def test_package_layout_and_checksums(tmp_path: Path) -> None:
     subprocess.run(["sha512sum", "-c", "checksum.txt"], cwd=dist, check=True, capture_output=True)
 
 
+def test_one_arch_combined_tarball_holds_that_arch(tmp_path: Path) -> None:
+    per_arch = {"x86_64": _inputs(tmp_path)["x86_64"]}
+    dist = tmp_path / "dist"
+    package(dist=dist, prefix="hook", version="v1", per_arch=per_arch, mtime=5)
+    with tarfile.open(dist / "hook-v1.tar.gz") as tar:
+        assert tar.getnames() == ["./initramfs-x86_64", "./vmlinuz-x86_64"]
+        assert tar.extractfile("./initramfs-x86_64").read() == per_arch["x86_64"][1].read_bytes()
+    lines = (dist / "checksum.txt").read_text().splitlines()
+    assert [line.split("  ")[1] for line in lines] == ["hook-v1.tar.gz", "hook_x86_64.tar.gz"]
+    subprocess.run(["sha512sum", "-c", "checksum.txt"], cwd=dist, check=True, capture_output=True)
+    assert not [p.name for p in dist.iterdir() if p.name.startswith(".")]  # no temporary left
+
+
 def test_same_inputs_same_bytes_and_old_versions_removed(tmp_path: Path) -> None:
     per_arch = _inputs(tmp_path)
     package(dist=tmp_path / "a", prefix="hook", version="v1", per_arch=per_arch, mtime=5)
