@@ -17,7 +17,7 @@ from tasks import embed, images, iso, pipeline
 from tasks.arch import Arch
 from tasks.bases import BaseResolver
 from tasks.config import SETTINGS, load_settings
-from tasks.doit_support import HookReporter, action, interrupt_on_sigterm, lazy_config_changed
+from tasks.doit_support import HookReporter, Sha256Checker, action, interrupt_on_sigterm, lazy_config_changed
 from tasks.errors import HookError
 
 DOIT_CONFIG = {
@@ -25,6 +25,7 @@ DOIT_CONFIG = {
     "reporter": HookReporter,
     "dep_file": "out/.doit.db",
     "backend": "json",
+    "check_file_uptodate": Sha256Checker,
     "verbosity": 2,
 }
 

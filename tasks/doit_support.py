@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import functools
+import hashlib
+import os
 import signal
 import sys
 from collections.abc import Callable
 from typing import Any
 
+from doit.dependency import MD5Checker
 from doit.exceptions import TaskFailed
 from doit.reporter import ConsoleReporter
 from doit.tools import config_changed
@@ -62,6 +65,35 @@ class lazy_config_changed(config_changed):  # noqa: N801 - named like doit's own
     def _calc_digest(self) -> str:
         self.config = self._make()
         return super()._calc_digest()
+
+
+def _file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return "sha256:" + digest.hexdigest()
+
+
+class Sha256Checker(MD5Checker):
+    """doit's default file checker (same mtime: unchanged; other size: changed; else compare a hash
+    of the content), hashing with sha256 in 1 MiB reads instead of md5 in 8 KiB ones: the package
+    task's 100 MB initramfs is hashed in 0.06 s instead of 0.2 s (SHA-NI; measured). A state that
+    doit recorded with md5 reads as changed once."""
+
+    def check_modified(self, file_path: str, file_stat: os.stat_result, state: Any) -> bool:
+        timestamp, size, digest = state
+        if file_stat.st_mtime == timestamp:
+            return False
+        if file_stat.st_size != size:
+            return True
+        return bool(digest != _file_sha256(file_path))
+
+    def get_state(self, dep: str, current_state: Any) -> tuple[float, int, str] | None:
+        timestamp = os.path.getmtime(dep)
+        if current_state and current_state[0] == timestamp:
+            return None
+        return timestamp, os.path.getsize(dep), _file_sha256(dep)
 
 
 class HookReporter(ConsoleReporter):
