@@ -97,7 +97,9 @@ def test_changed_base_image_rebuilds_the_images_built_on_it(dev_project: Project
         assert project.doit("dev_dist").executed == []
 
         (tmp_path / "ctx").mkdir()
-        (tmp_path / "ctx" / "moved").write_text("the base moved\n")
+        # New content each run: an image built from the same bytes on an earlier run would still be in
+        # the engine under the tag this content hashes to, and would rightly not be rebuilt.
+        (tmp_path / "ctx" / "moved").write_text(f"the base moved ({uuid.uuid4()})\n")
         (tmp_path / "ctx" / "Dockerfile").write_text(f"FROM {original}\nCOPY moved /etc/hook-base-moved\n")
         subprocess.run(["docker", "build", "-q", "-t", base, str(tmp_path / "ctx")], check=True, capture_output=True)
         moved = project.doit("dev_dist")
