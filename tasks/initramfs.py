@@ -724,12 +724,13 @@ class _OldBlocks:
     def open(cls, dst: Path) -> _OldBlocks | None:
         try:
             record = json.loads(check_path(dst).read_text())
-            fd = os.open(dst, os.O_RDONLY)
+            fd = os.open(dst, os.O_RDONLY | os.O_NONBLOCK)  # never waits on a FIFO
         except (OSError, ValueError):
             return None
         try:
             st = os.fstat(fd)
-            if (record.get("format") == "hook-initramfs-check/1" and record.get("compression") == "gzip"
+            if (stat.S_ISREG(st.st_mode) and record.get("format") == "hook-initramfs-check/1"
+                    and record.get("compression") == "gzip"
                     and st.st_size == record["size"] and st.st_mtime_ns == record["mtime_ns"]):
                 blocks = {str(b[0]): (int(b[1]), int(b[2]), int(b[3]), int(b[4]), int(b[5]))
                           for b in record.get("blocks", [])}
