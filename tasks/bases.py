@@ -18,7 +18,7 @@ import json
 import re
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,14 +89,11 @@ class BaseResolver:
         return cls(record, recorded)
 
     def resolve(self, ref: str, *, refresh: bool = False) -> tuple[str, str]:
+        known = None if refresh else self.known(ref)
+        if known is not None:
+            return known
         if "@sha256:" in ref:
             return ref, ref.split("@", 1)[1]
-        if ref in self.recorded and not refresh:
-            return pin(ref, self.recorded[ref]), self.recorded[ref]
-        if not refresh:
-            local = engine.image_id(ref)
-            if local:
-                return ref, local
         log_step(f"base image {ref}: not in the local engine, looking up its digest in the registry")
         digest = registry_digest(ref)
         if digest is None:
@@ -109,6 +106,16 @@ class BaseResolver:
             self.recorded[ref] = digest
             self._dirty = True
         return pin(ref, digest), digest
+
+    def known(self, ref: str) -> tuple[str, str] | None:
+        """What resolve gives without the network (a pinned digest, one recorded in bases.json, or the
+        local engine's image id); None when the registry would have to be asked."""
+        if "@sha256:" in ref:
+            return ref, ref.split("@", 1)[1]
+        if ref in self.recorded:
+            return pin(ref, self.recorded[ref]), self.recorded[ref]
+        local = engine.image_id(ref)
+        return (ref, local) if local else None
 
     def save(self) -> None:
         if not self._dirty:
@@ -130,41 +137,33 @@ def base_ref(name: str, default: str, args: Mapping[str, str]) -> str:
     return default if name.startswith("FROM ") else args.get(name, default)
 
 
-def resolve_args(args: Mapping[str, str], bases: Mapping[str, str], resolver: BaseResolver,
-                 ) -> tuple[dict[str, str], dict[str, str]]:
-    """(build args with registry bases pinned to their digest, {base reference: identity})."""
+def _pinned_args(args: Mapping[str, str], bases: Mapping[str, str],
+                 resolve: Callable[[str], tuple[str, str] | None]) -> tuple[dict[str, str], dict[str, str]] | None:
     built = dict(args)
     identities: dict[str, str] = {}
     for name, default in bases.items():
         ref = base_ref(name, default, args)
         if not ref:
             continue
-        use, identity = resolver.resolve(ref)
-        identities[ref] = identity
+        found = resolve(ref)
+        if found is None:
+            return None
+        use, identities[ref] = found
         if use != ref and not name.startswith("FROM "):
             built[name] = use
     return built, identities
 
 
+def resolve_args(args: Mapping[str, str], bases: Mapping[str, str], resolver: BaseResolver,
+                 ) -> tuple[dict[str, str], dict[str, str]]:
+    """(build args with registry bases pinned to their digest, {base reference: identity})."""
+    found = _pinned_args(args, bases, resolver.resolve)
+    assert found is not None  # resolve always answers
+    return found
+
+
 def known_args(args: Mapping[str, str], bases: Mapping[str, str], resolver: BaseResolver,
                ) -> tuple[dict[str, str], dict[str, str]] | None:
-    """What resolve_args would give, from what is known without the network (a pinned digest, one
-    recorded in bases.json, or the local engine's image id); None when a base needs a registry lookup."""
-    built = dict(args)
-    identities: dict[str, str] = {}
-    for name, default in bases.items():
-        ref = base_ref(name, default, args)
-        if not ref:
-            continue
-        if "@sha256:" in ref:
-            identities[ref] = ref.split("@", 1)[1]
-        elif ref in resolver.recorded:
-            identities[ref] = resolver.recorded[ref]
-            if not name.startswith("FROM "):
-                built[name] = pin(ref, resolver.recorded[ref])
-        else:
-            local = engine.image_id(ref)
-            if local is None:
-                return None
-            identities[ref] = local
-    return built, identities
+    """What resolve_args would give, from what is known without the network (BaseResolver.known);
+    None when a base needs a registry lookup."""
+    return _pinned_args(args, bases, resolver.known)

@@ -497,22 +497,15 @@ def patched_iso(built_iso: Path, tmp_path_factory: pytest.TempPathFactory) -> tu
 
 @pytest.mark.slow
 @pytest.mark.skipif(ARCH is not Arch.X86_64, reason="the x86_64 ISO boots on an x86_64 host")
-def test_patched_iso_boots_uefi_cdrom(patched_iso: tuple[Path, str], worker_registry: Registry,
-                                      tmp_path: Path) -> None:
+@pytest.mark.parametrize(("firmware", "medium", "label"), [
+    ("uefi", "cdrom", "patched ISO, OVMF, CD"),
+    ("bios", "usb", "patched ISO, SeaBIOS, raw USB disk"),
+], ids=["uefi-cdrom", "bios-raw-usb-disk"])
+def test_patched_iso_boots(patched_iso: tuple[Path, str], worker_registry: Registry, tmp_path: Path,
+                           firmware: str, medium: str, label: str) -> None:
     image, cmdline = patched_iso
-    with iso_guest(image, tmp_path / "console.log", firmware="uefi", medium="cdrom", memory_mb=MEMORY_MB,
+    with iso_guest(image, tmp_path / "console.log", firmware=firmware, medium=medium, memory_mb=MEMORY_MB,
                    nics=registry_nic(worker_registry)) as g:
-        shown = wait_for_worker(g, PATCHED_WORKER, "patched ISO, OVMF, CD")
+        shown = wait_for_worker(g, PATCHED_WORKER, label)
     assert shown == GRUB_PREFIX + iso.canonical(cmdline)
     assert "hook_iso_test=patched" in shown and ISO_WORKER not in shown
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(ARCH is not Arch.X86_64, reason="the x86_64 ISO boots on an x86_64 host")
-def test_patched_iso_boots_bios_raw_usb_disk(patched_iso: tuple[Path, str], worker_registry: Registry,
-                                             tmp_path: Path) -> None:
-    image, cmdline = patched_iso
-    with iso_guest(image, tmp_path / "console.log", firmware="bios", medium="usb", memory_mb=MEMORY_MB,
-                   nics=registry_nic(worker_registry)) as g:
-        shown = wait_for_worker(g, PATCHED_WORKER, "patched ISO, SeaBIOS, raw USB disk")
-    assert shown == GRUB_PREFIX + iso.canonical(cmdline)
