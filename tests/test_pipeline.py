@@ -199,10 +199,12 @@ def test_interrupted_linuxkit_build_is_stopped_and_redone(dev_project: Project, 
 
 def test_interrupted_image_build_is_stopped_and_redone(dev_project: Project, tmp_path: Path) -> None:
     project = _copy(dev_project, tmp_path / "hook")
-    # a changed requirements file re-runs the pip step: a build that lasts long enough to interrupt
-    # (new each time: BuildKit's cache would skip a step it has seen)
-    project.edit("containers/hook-bootkit/requirements.txt", f"\n# interrupted build {uuid.uuid4()}\n")
-    code, output = _interrupt_when(project, "sh /tmp/pip-install.sh /tmp/requirements.txt", signal.SIGTERM)
+    # A build step that surely lasts while the signal comes (pip alone can take 1 s from a warm cache),
+    # new each time: BuildKit's cache would skip a step it has seen. This copy's Dockerfile only.
+    marker = f"interrupt-me-{uuid.uuid4().hex[:12]}"
+    project.replace("containers/hook-bootkit/Dockerfile", "FROM ${BASE_IMAGE}\n",
+                    f"RUN echo {marker} && sleep 8\n\nFROM ${{BASE_IMAGE}}\n")
+    code, output = _interrupt_when(project, marker, signal.SIGTERM)
     assert code != 0
     assert re.search(rf"hook: image_load:hook-bootkit-{ARCH} failed: interrupted \(stopped \S*docker buildx build\)",
                      output), output[-3000:]
