@@ -28,7 +28,7 @@ from tasks import qemu  # noqa: E402
 from tasks.arch import Arch  # noqa: E402
 from tasks.errors import HookError  # noqa: E402
 from tests.conftest import _start_registry, push_worker  # noqa: E402
-from tests.pipeline_env import make_project, test_os  # noqa: E402
+from tests.pipeline_env import make_project, os_manifest  # noqa: E402
 from tests.test_boot import MARKER, guest, packaged, tinkerbell_cmdline  # noqa: E402
 
 MIB = 1 << 20
@@ -75,7 +75,7 @@ def main() -> int:
         parts = largest_parts(lk_initrd)  # before dedup: what the root holds in RAM
         reg = _start_registry(root / "registry", username="hook", password="pa=ss w0rd")
         try:
-            push_worker(reg, test_os(), root / "docker-config")
+            push_worker(reg, os_manifest(), root / "docker-config")
             results: dict[int, dict[str, float] | str] = {}
             for memory in (int(m) for m in args.memory.split(",")):
                 print(f"booting with {memory} MiB ...", flush=True)

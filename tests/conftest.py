@@ -153,10 +153,10 @@ REGISTRY_PASSWORD = "pa=ss w0rd"
 @pytest.fixture(scope="session")
 def test_os(docker_engine: None) -> dict:
     """The test OS manifest (hack/test-os.py); every image it names must be in the engine."""
-    from tests.pipeline_env import linuxkit_binary, test_os
+    from tests.pipeline_env import linuxkit_binary, os_manifest
 
     try:
-        manifest = test_os()
+        manifest = os_manifest()
         linuxkit_binary()
     except RuntimeError as exc:
         pytest.fail(str(exc))

@@ -101,7 +101,7 @@ class Project:
 
 
 @functools.cache
-def test_os() -> dict[str, Any]:
+def os_manifest() -> dict[str, Any]:
     """The test OS manifest (hack/test-os.py): the references of LinuxKit's packages, the kernel,
     the base images and the test tink-worker, as made on this machine."""
     try:
@@ -119,7 +119,7 @@ def linuxkit_binary() -> Path:
 
 def project_settings() -> dict[str, str]:
     """The settings of a test build: the real LinuxKit, the test OS's packages and bases."""
-    manifest = test_os()
+    manifest = os_manifest()
     return {
         "HOOK_ORG": LOCAL_ORG,
         "HOOK_PKG_ORG": manifest["pkg_org"],

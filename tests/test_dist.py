@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Registry
-from tests.pipeline_env import Project, linuxkit_package_refs, make_project, test_os
+from tests.pipeline_env import Project, linuxkit_package_refs, make_project, os_manifest
 
 pytestmark = pytest.mark.slow
 PASSWORD = "s3cr=t pass"
@@ -54,7 +54,7 @@ def _project(tmp_path: Path, reg: Registry, config: Path) -> Project:
     return make_project(tmp_path / "hook", env={
         "HOOK_ORG": f"{reg.addr}/hooktest",
         "HOOK_PKG_ORG": f"{reg.addr}/linuxkit",
-        "HOOK_KERNEL": _remote(reg, test_os()["kernel"]),
+        "HOOK_KERNEL": _remote(reg, os_manifest()["kernel"]),
         "DOCKER_CONFIG": str(config),
     })
 
