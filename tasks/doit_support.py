@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import signal
 import sys
@@ -16,6 +15,7 @@ from doit.reporter import ConsoleReporter
 from doit.tools import config_changed
 
 from tasks.errors import HookError
+from tasks.files import file_digest
 from tasks.run import terminate_children
 
 
@@ -67,17 +67,9 @@ class lazy_config_changed(config_changed):  # noqa: N801 - named like doit's own
         return super()._calc_digest()
 
 
-def _file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return "sha256:" + digest.hexdigest()
-
-
 class Sha256Checker(MD5Checker):
     """doit's default file checker (same mtime: unchanged; other size: changed; else compare a hash
-    of the content), hashing with sha256 in 1 MiB reads instead of md5 in 8 KiB ones: the package
+    of the content), hashing with sha256 (hashlib.file_digest) instead of md5 in 8 KiB reads: the package
     task's 100 MB initramfs is hashed in 0.06 s instead of 0.2 s (SHA-NI; measured). A state that
     doit recorded with md5 reads as changed once."""
 
@@ -87,13 +79,13 @@ class Sha256Checker(MD5Checker):
             return False
         if file_stat.st_size != size:
             return True
-        return bool(digest != _file_sha256(file_path))
+        return bool(digest != "sha256:" + file_digest(file_path))
 
     def get_state(self, dep: str, current_state: Any) -> tuple[float, int, str] | None:
         timestamp = os.path.getmtime(dep)
         if current_state and current_state[0] == timestamp:
             return None
-        return timestamp, os.path.getsize(dep), _file_sha256(dep)
+        return timestamp, os.path.getsize(dep), "sha256:" + file_digest(dep)
 
 
 class HookReporter(ConsoleReporter):

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from tasks.arch import Arch
 from tasks.errors import HookError
+from tasks.files import file_digest
 from tasks.run import find_tool, log_step, run
 
 LINUXKIT_VERSION = "v1.8.2"
@@ -176,14 +177,6 @@ def _parse_sha256(value: str) -> str:
     return value
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _download(*, url: str, sha256: str, cache: Path) -> str:
     if not url.strip():
         raise HookError(f"linuxkit_url is empty and no linuxkit was found: {DOWNLOAD_FIX}")
@@ -193,7 +186,7 @@ def _download(*, url: str, sha256: str, cache: Path) -> str:
     fix = f"check linuxkit_url or update linuxkit_sha256 (now {sha256})" if sha256 else DOWNLOAD_FIX
     if final.is_file():
         stale = None
-        if sha256 and (got := _file_sha256(final)) != sha256:
+        if sha256 and (got := file_digest(final)) != sha256:
             stale = f"its sha256 is {got}, linuxkit_sha256 is {sha256}"
         elif problem := _check_own_binary(str(final), str(final), fix):
             stale = problem
@@ -288,7 +281,7 @@ def _build_from_source(src: str, *, cache: Path, gocache: Path | None) -> str:
         key = _key("dir", _dir_hash(module))
     elif path.is_file():
         module = None
-        key = _key("tar", _file_sha256(path))
+        key = _key("tar", file_digest(path))
     else:
         raise HookError(
             f"linuxkit_src={src} not found: give a LinuxKit {LINUXKIT_VERSION} source tarball or unpacked "
