@@ -637,15 +637,15 @@ def _plan(tree: _Tree, *, dedup: bool, spool: memoryview, links: bool = True) ->
 
     # Files of one size and metadata are told apart by a hash of their data, hashed on all cores
     # (hashlib releases the GIL).
-    spans = sorted({(m.data, m.size) for key, members in groups.items() if key[0] == "content"
-                    and len({m.data for m in members}) > 1 for m in members})
+    split = {key for key, members in groups.items() if key[0] == "content" and len({m.data for m in members}) > 1}
+    spans = sorted({(m.data, m.size) for key in split for m in groups[key]})
     with ThreadPoolExecutor(max_workers=len(os.sched_getaffinity(0))) as pool:
         hashes = dict(zip((at for at, _ in spans),
                           pool.map(lambda span: hashlib.sha256(spool[span[0]:span[0] + span[1]]).digest(), spans),
                           strict=True))
     final: list[list[_Entry]] = []
     for key, members in groups.items():
-        if key[0] == "content" and len({m.data for m in members}) > 1:
+        if key in split:
             digests: dict[bytes, list[_Entry]] = {}
             for m in members:
                 digests.setdefault(hashes[m.data], []).append(m)
