@@ -13,12 +13,33 @@ from doit.exceptions import TaskFailed
 from doit.task import clean_targets
 from doit.tools import config_changed
 
-from tasks import embed, images, iso, pipeline
-from tasks.arch import Arch
-from tasks.bases import BaseResolver
-from tasks.config import SETTINGS, load_settings
-from tasks.doit_support import HookReporter, Sha256Checker, action, interrupt_on_sigterm, lazy_config_changed
-from tasks.errors import HookError
+from tasks import pipeline
+from tasks.boot.builds import boot_build
+from tasks.convert.stage import clean_converted, convert, convert_is_current
+from tasks.core.arch import Arch
+from tasks.core.doit_support import HookReporter, Sha256Checker, action, interrupt_on_sigterm, lazy_config_changed
+from tasks.core.errors import HookError
+from tasks.hookos import embed
+from tasks.hookos.stage import os_inputs
+from tasks.images import build as images
+from tasks.images.bases import BaseResolver
+from tasks.images.plan import ImagePlan, image_records, plan_images, refresh_bases
+from tasks.images.specs import is_current
+from tasks.media import iso
+from tasks.media.package import package_build
+from tasks.settings import SETTINGS, load_settings
+from tasks.settings.builds import (
+    BUILDS,
+    Build,
+    bases_record,
+    boot_files,
+    get_build,
+    image_record,
+    linuxkit_dir,
+    linuxkit_outputs,
+    package_targets,
+    rendered_files,
+)
 
 DOIT_CONFIG = {
     "default_tasks": ["dev_dist"],
@@ -40,18 +61,26 @@ os.makedirs(os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"), exi
 interrupt_on_sigterm()  # SIGTERM stops a running linuxkit or buildx too, and leaves nothing half-made
 try:
     S = load_settings(get_var, given=_cmdline_vars())
-    PLANS = pipeline.plan_images(S)
+    PLANS = plan_images(S)
 except HookError as exc:
     sys.exit(f"hook: {exc}")
-BASES = BaseResolver.load(pipeline.bases_record(S))
+BASES = BaseResolver.load(bases_record(S))
 
-RELEASE, DEV, DEBUG = (pipeline.BUILDS[name] for name in ("release", "dev", "debug"))
+RELEASE, DEV, DEBUG = (BUILDS[name] for name in ("release", "dev", "debug"))
 LOCAL_ARCHES = tuple(dict.fromkeys(DEV.arches(S) + DEBUG.arches(S)))
-# Our code that shapes an output is an input of it: a fixed convert engine re-makes the initramfs.
-OS_CODE = [S.root / "tasks" / name for name in ("linuxkit.py", "initramfs.py", "cpio.py")]
-PACKAGE_CODE = [S.root / "tasks" / "package.py"]
-ISO_CODE = [S.root / "tasks" / "iso.py"]
-EMBED_CODE = [S.root / "tasks" / "embed.py"]
+
+
+def _code(*packages: str, skip: tuple[str, ...] = ()) -> list:
+    """The modules of tasks/<package>/ that shape an output: a fixed convert engine re-makes the initramfs."""
+    return sorted(p for package in packages for p in (S.root / "tasks" / package).glob("*.py")
+                  if p.name not in ("__init__.py", *skip))
+
+
+# Our code that shapes an output is an input of it (not the CLIs, and not the tool provider).
+OS_CODE = _code("hookos", "convert", skip=("embed.py", "tool.py", "cli.py"))
+PACKAGE_CODE = [S.root / "tasks" / "media" / "package.py"]
+ISO_CODE = [S.root / "tasks" / "media" / "iso.py", S.root / "tasks" / "settings" / "cmdline.py"]
+EMBED_CODE = [S.root / "tasks" / "hookos" / "embed.py"]
 
 
 def _relative(paths: list) -> list[str]:
@@ -59,15 +88,15 @@ def _relative(paths: list) -> list[str]:
     return [os.path.relpath(p, S.root) for p in paths]
 
 
-def _image_task(plan: pipeline.ImagePlan, arch: Arch, *, local: bool) -> dict:
-    record = pipeline.image_record(S, plan.spec, arch, local=local)
+def _image_task(plan: ImagePlan, arch: Arch, *, local: bool) -> dict:
+    record = image_record(S, plan.spec.name, arch, local=local)
     return {
         "name": f"{plan.spec.name}-{arch}",
         "file_dep": _relative(plan.files),
         "targets": _relative([record]),
         # The tag is made when the task runs (files, build args, base identities); this asks
         # whether any of those changed without a network lookup.
-        "uptodate": [lambda: images.is_current(plan.spec, S, arch, record, BASES)],
+        "uptodate": [lambda: is_current(plan.spec, S, arch, record, BASES)],
         "actions": [action(images.load_image if local else images.push_image, plan.spec, S, arch, plan.files,
                            record, BASES)],
         "clean": True,
@@ -92,8 +121,8 @@ def task_image_index():
     """Join the pushed per-arch images into the multi-arch index <org>/<image>:<hash> (dist)."""
     arches = RELEASE.arches(S)
     for plan in PLANS.values():
-        record = pipeline.image_record(S, plan.spec, None, local=False)
-        sources = {a: pipeline.image_record(S, plan.spec, a, local=False) for a in arches}
+        record = image_record(S, plan.spec.name, None, local=False)
+        sources = {a: image_record(S, plan.spec.name, a, local=False) for a in arches}
         yield {
             "name": plan.spec.name,
             "file_dep": _relative(list(sources.values())),
@@ -109,18 +138,18 @@ def task_linuxkit():
     for build in (RELEASE, DEV, DEBUG):
         for arch in build.arches(S):
             templates = [S.root / "linuxkit" / t for t in build.templates]
-            records = list(pipeline.image_records(S, PLANS, build, arch).values())
-            records.append(embed.record_path(pipeline.linuxkit_dir(S, build, arch)))  # the embedded images
-            outputs = [*pipeline.rendered_files(S, build, arch), *pipeline.linuxkit_outputs(S, build, arch).values(),
-                       *pipeline.boot_files(S, build, arch)]
+            records = list(image_records(S, PLANS, build, arch).values())
+            records.append(embed.record_path(linuxkit_dir(S, build, arch)))  # the embedded images
+            outputs = [*rendered_files(S, build, arch), *linuxkit_outputs(S, build, arch).values(),
+                       *boot_files(S, build, arch)]
             yield {
                 "name": f"{build.name}-{arch}",
                 "file_dep": _relative(templates + records + OS_CODE),
                 # settings, and for local builds the identity of each LinuxKit package in the engine
-                "uptodate": [lazy_config_changed(lambda build=build, arch=arch: pipeline.os_inputs(S, build, arch))],
+                "uptodate": [lazy_config_changed(lambda build=build, arch=arch: os_inputs(S, build, arch))],
                 "targets": _relative(outputs),
                 "actions": [action(pipeline.make_os, S, build, arch, PLANS)],
-                "clean": [clean_targets, (pipeline.clean_converted, (S, build, arch))],
+                "clean": [clean_targets, (clean_converted, (S, build, arch))],
             }
 
 
@@ -128,7 +157,7 @@ def task_embed():
     """Export the embedded images (embed_images) for one build and arch: archives the OS carries."""
     for build in (RELEASE, DEV, DEBUG):
         for arch in build.arches(S):
-            folder = pipeline.linuxkit_dir(S, build, arch)
+            folder = linuxkit_dir(S, build, arch)
             yield {
                 "name": f"{build.name}-{arch}",
                 "file_dep": _relative(EMBED_CODE),
@@ -147,21 +176,21 @@ def task_convert():
         for arch in build.arches(S):
             yield {
                 "name": f"{build.name}-{arch}",
-                "uptodate": [lambda build=build, arch=arch: pipeline.convert_is_current(S, build, arch)],
-                "actions": [action(pipeline.convert, S, build, arch)],
+                "uptodate": [lambda build=build, arch=arch: convert_is_current(S, build, arch)],
+                "actions": [action(convert, S, build, arch)],
             }
 
 
 def task_package():
     """Pack out/dist/<build>/: <prefix>-<version>.tar.gz, <prefix>_<arch>.tar.gz, checksum.txt."""
     for build in (RELEASE, DEV, DEBUG):
-        inputs = [f for arch in build.arches(S) for f in pipeline.boot_files(S, build, arch)]
+        inputs = [f for arch in build.arches(S) for f in boot_files(S, build, arch)]
         yield {
             "name": build.name,
             "file_dep": _relative(inputs + PACKAGE_CODE),
-            "targets": _relative(pipeline.package_targets(S, build)),
+            "targets": _relative(package_targets(S, build)),
             "uptodate": [config_changed({"version": S.version, "mtime": S.source_date_epoch})],
-            "actions": [action(pipeline.package_build, S, build)],
+            "actions": [action(package_build, S, build)],
             "clean": True,
         }
 
@@ -193,12 +222,12 @@ def task_iso_tools():
     }
 
 
-def _iso_tasks(build: pipeline.Build):
+def _iso_tasks(build: Build):
     for arch in build.arches(S):
         record = iso.iso_record(S, build, arch)
         yield {
             "name": str(arch),
-            "file_dep": _relative([*pipeline.boot_files(S, build, arch), iso.tool_record(S), *ISO_CODE]),
+            "file_dep": _relative([*boot_files(S, build, arch), iso.tool_record(S), *ISO_CODE]),
             "targets": _relative([iso.iso_path(S, build, arch), record]),
             "task_dep": [f"package:{build.name}"],  # both write checksum.txt: one after the other
             "uptodate": [config_changed(iso.iso_config(S, arch)),
@@ -229,8 +258,8 @@ def task_boot():
     def boot(build: str, arch: str, cmdline: str, memory: int, accel: str, expect: str, timeout: float,
              registry: str, ssh: int, net: str, smp: int):
         try:
-            chosen = pipeline.get_build(build)
-            pipeline.boot_build(S, chosen, Arch.parse(arch) if arch else chosen.arches(S)[0], cmdline=cmdline,
+            chosen = get_build(build)
+            boot_build(S, chosen, Arch.parse(arch) if arch else chosen.arches(S)[0], cmdline=cmdline,
                                 memory_mb=memory, accel=accel, expect=expect, timeout=timeout, registry=registry,
                                 ssh_port=ssh, net=net, smp=smp)
         except HookError as exc:
@@ -268,7 +297,7 @@ def task_bases():
     """Look up the registry base images again (network): an image whose base moved is rebuilt next time."""
 
     def refresh() -> None:
-        pipeline.refresh_bases(S, PLANS, BASES)
+        refresh_bases(S, PLANS, BASES)
         embed.refresh_digests(S, RELEASE.arches(S))  # the release builds' embedded images
 
     return {"actions": [action(refresh)], "uptodate": [False], "verbosity": 2}

@@ -24,9 +24,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tasks import qemu  # noqa: E402
-from tasks.arch import Arch  # noqa: E402
-from tasks.errors import HookError  # noqa: E402
+from tasks.boot import qemu  # noqa: E402
+from tasks.core.arch import Arch  # noqa: E402
+from tasks.core.errors import HookError  # noqa: E402
 from tests.conftest import _start_registry, push_worker  # noqa: E402
 from tests.pipeline_env import make_project, os_manifest  # noqa: E402
 from tests.test_boot import MARKER, guest, packaged, tinkerbell_cmdline  # noqa: E402

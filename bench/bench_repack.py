@@ -3,7 +3,7 @@
 Builds a ~256 MiB initramfs (many small text-like files, some large binary-like ones, firmware-like
 blobs present two or three times, as LinuxKit makes it: gzip of an unsorted newc cpio), then times:
   (a) the old Makefile convert: gunzip | cpio -idm into a directory, find | cpio -o -H newc | gzip -6
-  (b) tasks.initramfs.repack at level 6
+  (b) tasks.convert.engine.repack at level 6
   (c) the floor: decompress the input and recompress the same bytes with repack's compressor
 and prints both ratios and the output sizes. Target: (a)/(b) >= 2 with (b) no larger than (a),
 and (b)/(c) <= 1.3.
@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from zlib_ng import zlib_ng  # noqa: E402
 
-from tasks import initramfs  # noqa: E402
+from tasks.convert import engine as initramfs  # noqa: E402
 
 MTIME = 1492533000
 WORDS = [
@@ -124,7 +124,7 @@ def floor(src: Path, dst: Path, level: int) -> None:
     """Decompress src and compress the same bytes with repack's gzip writer: no cpio work at all."""
     threads = len(os.sched_getaffinity(0))
     with open(src, "rb") as fin, open(dst, "wb") as fout:
-        writer = initramfs._GzipWriter(fout, level, threads)
+        writer = initramfs.GzipWriter(fout, level, threads)
         d = zlib_ng.decompressobj(31)
         while chunk := fin.read(1 << 20):
             writer.write(d.decompress(chunk))
@@ -165,7 +165,7 @@ def main() -> int:
     c = timed(lambda: floor(src, out_c, 6))
     size_a, size_b, size_c = (p.stat().st_size for p in (out_a, out_b, out_c))
     print(f"(a) old gunzip|cpio -id + find|cpio -o|gzip -6: {a:6.2f}s  {size_a / 2**20:7.1f} MiB")
-    print(f"(b) tasks.initramfs.repack, level 6:            {b:6.2f}s  {size_b / 2**20:7.1f} MiB")
+    print(f"(b) tasks.convert.engine.repack, level 6:     {b:6.2f}s  {size_b / 2**20:7.1f} MiB")
     print(f"    the same without dedup (--no-dedup):       {b_plain:6.2f}s  {size_b_plain / 2**20:7.1f} MiB"
           f"  ({b_plain / c:.2f} of (c))")
     print(f"(c) floor, gunzip + repack's gzip -6, no cpio:  {c:6.2f}s  {size_c / 2**20:7.1f} MiB")

@@ -22,5 +22,7 @@ lk=$(python3 -m tasks.tools linuxkit --src "$CACHE/linuxkit-src/linuxkit-v1.8.2"
 ln -sfn "$lk" "$CACHE/bin/linuxkit"
 echo "==> ruff" >&2
 ruff check .
+echo "==> lint-imports: the layout (docs/ARCHITECTURE.md)" >&2
+lint-imports --no-cache
 echo "==> pytest" >&2
 exec python3 -m pytest "$@"

@@ -156,7 +156,7 @@ def copy_out(source: Project, target: Project) -> None:
 def linuxkit_package_refs(pkg_org: str, kernel: str) -> list[str]:
     """Every image hook.yaml and debug.yaml name, other than our own, with pkg_org filled in."""
     sys.path.insert(0, str(ROOT))
-    from tasks import linuxkit
+    from tasks.hookos import config as linuxkit
 
     values = {"serial": "ttyS0", "kernel": kernel, "pkg_org": pkg_org, "hook_docker": "x/hook-docker:x",
               "hook_bootkit": "x/hook-bootkit:x"}

@@ -2,7 +2,7 @@
 LinuxKit v1.8.2 from the test OS's packages, with a Tinkerbell cmdline.
 
 The guest's only network is QEMU's user net with restrict=on; 10.0.2.100:5000 in the guest is a
-Debian docker-registry with htpasswd auth on the host's 127.0.0.1 (tasks/relay.py per connection).
+Debian docker-registry with htpasswd auth on the host's 127.0.0.1 (tasks/boot/relay.py per connection).
 Assertions are on what the guest shows: its serial console, and commands typed into its serial
 shell (LinuxKit's getty, INSECURE=true). Each test prints its boot milestones.
 """
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks import qemu
-from tasks.arch import Arch
+from tasks.boot import qemu
+from tasks.core.arch import Arch
 from tests.conftest import REGISTRY_PASSWORD, REGISTRY_USER, Registry, free_port, push_worker
 from tests.pipeline_env import Project
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks.arch import Arch
-from tasks.config import SETTINGS, load_settings
-from tasks.errors import HookError
+from tasks.core.arch import Arch
+from tasks.core.errors import HookError
+from tasks.settings import SETTINGS, load_settings
 
 
 def settings(vars: dict[str, str] | None = None, env: dict[str, str] | None = None, root: Path | None = None):

@@ -1,4 +1,4 @@
-"""Embedded images (setting `embed_images`, tasks/embed.py, docs/embedded.md), against real parts:
+"""Embedded images (setting `embed_images`, tasks/hookos/embed.py, docs/embedded.md), against real parts:
 the machine's dockerd, Debian's docker-registry with htpasswd auth, the real LinuxKit v1.8.2, and
 QEMU booting the Hook OS with no network device at all.
 
@@ -25,10 +25,11 @@ from pathlib import Path
 
 import pytest
 
-from tasks import qemu
-from tasks.arch import Arch
-from tasks.embed import Entry, default_name, parse_setting, write_archive
-from tasks.errors import HookError
+from tasks.boot import qemu
+from tasks.core.arch import Arch
+from tasks.core.errors import HookError
+from tasks.hookos.embed import Entry, default_name, write_archive
+from tasks.settings.embed_list import parse_setting
 from tests.conftest import REGISTRY_PASSWORD, REGISTRY_USER, Registry, free_port
 from tests.pipeline_env import Project, copy_out, make_project
 from tests.test_boot import BOOT_TIMEOUT, MARKER, WORKER_IMAGE, in_service, packaged, report, tinkerbell_cmdline

@@ -382,9 +382,9 @@ def test_image_adds_little_to_its_base(hook_docker_image: str) -> None:
 
 
 def _embedded_archive(folder: Path, source: str, name: str) -> Path:
-    """An archive as the pipeline embeds it (tasks/embed.py), of a local image, named `name`."""
-    from tasks.arch import Arch
-    from tasks.embed import Entry, write_archive
+    """An archive as the pipeline embeds it (tasks/hookos/embed.py), of a local image, named `name`."""
+    from tasks.core.arch import Arch
+    from tasks.hookos.embed import Entry, write_archive
 
     spool = folder / "saved.tar"
     docker_cli("image", "save", "-o", str(spool), source)

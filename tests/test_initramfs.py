@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks import initramfs
-from tasks.errors import HookError
+from tasks.convert import engine as initramfs
+from tasks.core.errors import HookError
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "TZ": "UTC", "LC_ALL": "C"}
@@ -131,7 +131,7 @@ def snapshot(root: Path, *, dir_mtimes: bool = False) -> dict[str, tuple]:
 
 
 def newc_fields(archive: bytes) -> list[dict[str, int | str]]:
-    """A deliberately naive newc reader for the tests (independent of tasks.cpio)."""
+    """A deliberately naive newc reader for the tests (independent of tasks.convert.cpio)."""
     entries = []
     pos = 0
     names = ("ino", "mode", "uid", "gid", "nlink", "mtime", "filesize", "devmajor", "devminor",
@@ -152,7 +152,7 @@ def newc_fields(archive: bytes) -> list[dict[str, int | str]]:
 
 def split_early(data: bytes) -> tuple[bytes, bytes]:
     """(the uncompressed newc archive at the start of data with its zero padding, the rest): a
-    naive walk of the headers, independent of tasks.cpio."""
+    naive walk of the headers, independent of tasks.convert.cpio."""
     pos = 0
     while True:
         assert data[pos:pos + 6] == b"070701", f"no newc header at {pos}"

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks import initramfs
-from tasks.qemu import boot
+from tasks.boot.qemu import boot
+from tasks.convert import engine as initramfs
 from tests.test_initramfs import AMD, INTEL, early_loader_find, early_tree, gnu_archive, split_early, write
 
 INIT = """#!/bin/sh

@@ -18,8 +18,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tasks import cpio, initramfs
-from tasks.errors import HookError
+from tasks.convert import cpio
+from tasks.convert import engine as initramfs
+from tasks.core.errors import HookError
 from tests.test_initramfs import ENV, ROOT, gnu_archive, write
 
 

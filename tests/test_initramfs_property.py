@@ -14,7 +14,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tasks import initramfs
+from tasks.convert import engine as initramfs
 from tests.test_initramfs import decompress, gnu_extract, sh, snapshot
 
 NAME = st.text(alphabet="abcdefgh.-_0123456789", min_size=1, max_size=12).filter(lambda n: n not in (".", ".."))

@@ -1,4 +1,4 @@
-"""Bootable media (tasks/iso.py, containers/hook-iso): the hybrid ISO, its patchable cmdline area,
+"""Bootable media (tasks/media/iso.py, containers/hook-iso): the hybrid ISO, its patchable cmdline area,
 and real QEMU (TCG) boots of it through firmware and GRUB, never with -kernel.
 
 - The cmdline codec and the refusals of `python -m tasks.iso patch`, on small ISOs made from a
@@ -23,12 +23,13 @@ from pathlib import Path
 
 import pytest
 
-from tasks import iso, qemu
-from tasks.arch import Arch
-from tasks.bases import BaseResolver
-from tasks.config import load_settings
-from tasks.errors import HookError
-from tasks.images import read_record
+from tasks.boot import qemu
+from tasks.core.arch import Arch
+from tasks.core.errors import HookError
+from tasks.images.bases import BaseResolver
+from tasks.images.specs import read_record
+from tasks.media import iso
+from tasks.settings import load_settings
 from tests.conftest import CACHE, ROOT, Registry
 from tests.pipeline_env import CA_BUNDLE, Project, copy_out, make_project
 from tests.test_boot import BOOT_TIMEOUT, GUEST_REGISTRY, MEMORY_MB, WORKER_ID, WORKER_IMAGE, report, tinkerbell_cmdline

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from tasks import linuxkit, pipeline
-from tasks.arch import Arch
-from tasks.config import load_settings
+from tasks.core.arch import Arch
+from tasks.hookos import config as linuxkit
+from tasks.hookos import stage
+from tasks.settings import builds, load_settings
 from tests.pipeline_env import ROOT, linuxkit_binary
 
 RENDERINGS = {
@@ -44,14 +45,14 @@ def _settings(tmp_path: Path, values: dict[str, str]):  # noqa: ANN202 - Setting
 
 @pytest.mark.parametrize("rendering", list(RENDERINGS))
 @pytest.mark.parametrize("arch", list(Arch), ids=str)
-@pytest.mark.parametrize("build", list(pipeline.BUILDS))
+@pytest.mark.parametrize("build", list(builds.BUILDS))
 def test_real_linuxkit_accepts_the_shipped_configs(real_linuxkit: Path, tmp_path: Path, build: str, arch: Arch,
                                                    rendering: str) -> None:
     settings = _settings(tmp_path, RENDERINGS[rendering])
-    chosen = pipeline.get_build(build)
+    chosen = builds.get_build(build)
     suffix = f"-{arch.docker}" if chosen.local else ""
     refs = {name: f"{settings.org}/{name}:0123456789abcdef01234567{suffix}" for name in ("hook-docker", "hook-bootkit")}
-    configs = pipeline.render_configs(settings, chosen, arch, refs)
+    configs = stage.render_configs(settings, chosen, arch, refs)
     done = subprocess.run([str(real_linuxkit), "build", "--dry-run", "--arch", arch.docker, *map(str, configs)],
                           cwd=configs[0].parent, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]

@@ -51,7 +51,7 @@ from hookcommon.network import (
 )
 from programs_helpers import HOOK_DOCKER, program_env, wait_until
 
-from tasks import qemu
+from tasks.boot import qemu
 from tests.conftest import Registry
 from tests.pipeline_env import Project
 from tests.test_boot import (

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.errors import HookError
-from tasks.package import package
+from tasks.core.errors import HookError
+from tasks.media.package import package
 
 
 def _inputs(tmp_path: Path) -> dict[str, list[Path]]:

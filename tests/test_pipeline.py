@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.arch import Arch
+from tasks.core.arch import Arch
 from tests.pipeline_env import Project, copy_out, make_project
 
 pytestmark = pytest.mark.slow
@@ -73,7 +73,7 @@ def test_one_file_change_rebuilds_only_what_it_touches(dev_project: Project, tmp
     assert project.doit("dev_dist").executed == []
 
     # Our own code is an input too: a change to the convert engine re-makes the OS, not the images.
-    project.edit("tasks/initramfs.py", "\n# a comment in the convert engine\n")
+    project.edit("tasks/convert/engine.py", "\n# a comment in the convert engine\n")
     assert project.doit("dev_dist").executed == [f"linuxkit:dev-{ARCH}"]
 
     # A comment changes the config file but not the OS: linuxkit runs, its output is the same bytes,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.arch import Arch
+from tasks.core.arch import Arch
 from tests.pipeline_env import Project, copy_out, make_project
 
 pytestmark = pytest.mark.slow

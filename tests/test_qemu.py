@@ -1,4 +1,4 @@
-"""tasks.qemu: real TCG boots of a tiny busybox initramfs made here, plus the pure helpers."""
+"""tasks.boot.qemu: real TCG boots of a tiny busybox initramfs made here, plus the pure helpers."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks import qemu
-from tasks.arch import Arch
-from tasks.errors import HookError
+from tasks.boot import qemu
+from tasks.core.arch import Arch
+from tasks.core.errors import HookError
 
 MARKER = "HOOK-QEMU-TEST: up"
 

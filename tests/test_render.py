@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks import linuxkit
-from tasks.errors import HookError
+from tasks.core.errors import HookError
+from tasks.hookos import config as linuxkit
 
 ROOT = Path(__file__).resolve().parent.parent
 VALUES = {"serial": "ttyS0", "kernel": "linuxkit/kernel:6.6.71", "pkg_org": "linuxkit",
@@ -102,8 +102,8 @@ def test_ssh_keys_refused_when_none(tmp_path: Path) -> None:
 
 def test_embedded_images_folder_and_generated_config() -> None:
     """hook.yaml always has /usr/share/hook/embedded (hook-docker binds it read-only); the config
-    tasks/embed.py generates for the archives passes LinuxKit's schema."""
-    from tasks.embed import OS_DIR, embed_config
+    tasks/hookos/embed.py generates for the archives passes LinuxKit's schema."""
+    from tasks.hookos.embed import OS_DIR, embed_config
 
     config = linuxkit.parse(linuxkit.render(ROOT / "linuxkit" / "hook.yaml", VALUES), "hook.yaml")
     docker = next(s for s in config["services"] if s["name"] == "hook-docker")

@@ -1,4 +1,4 @@
-"""tasks.tools: the LinuxKit v1.8.2 binary, downloaded from a real HTTP server on 127.0.0.1, taken
+"""tasks.hookos.tool: the LinuxKit v1.8.2 binary, downloaded from a real HTTP server on 127.0.0.1, taken
 from a path or PATH, or built from LinuxKit's real source with the real Go (warm build cache)."""
 
 from __future__ import annotations
@@ -20,10 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from tasks import tools
-from tasks.arch import Arch
-from tasks.errors import HookError
-from tasks.tools import LINUXKIT_VERSION, default_cache_dir, linuxkit_binary
+from tasks.core.arch import Arch
+from tasks.core.errors import HookError
+from tasks.hookos import tool as tools
+from tasks.hookos.tool import linuxkit_binary
+from tasks.settings import LINUXKIT_VERSION, default_cache_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("HOOK_TEST_CACHE", "/var/cache/hook-test"))

@@ -1,7 +1,7 @@
 """HTTP over a unix socket (the docker engine's API), with the standard library only.
 
 Shared by hook-docker (loading embedded images through dockerd's socket) and the pipeline
-(tasks/engine.py: the local engine's images in a millisecond, where the docker SDK's import alone
+(tasks/images/engine.py: the local engine's images in a millisecond, where the docker SDK's import alone
 would cost a no-op build a third of its time).
 """
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import platform
 
-from tasks.errors import HookError
+from tasks.core.errors import HookError
 
 
 class Arch(enum.Enum):

@@ -14,9 +14,9 @@ from doit.exceptions import TaskFailed
 from doit.reporter import ConsoleReporter
 from doit.tools import config_changed
 
-from tasks.errors import HookError
-from tasks.files import file_digest
-from tasks.run import terminate_children
+from tasks.core.errors import HookError
+from tasks.core.files import file_digest
+from tasks.core.run import terminate_children
 
 
 def action(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Callable[..., Any], tuple[Any, ...], dict]:

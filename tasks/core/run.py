@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from tasks.errors import HookError
+from tasks.core.errors import HookError
 
 #: How to get each tool we call, for the "not found" message.
 INSTALL_HINTS: dict[str, str] = {

@@ -39,9 +39,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.arch import Arch
-from tasks.errors import HookError
-from tasks.run import find_tool, log_step, mask
+from tasks.core.arch import Arch
+from tasks.core.errors import HookError
+from tasks.core.run import find_tool, log_step, mask
 
 DEFAULT_CMDLINE = "console=ttyS0 panic=-1"
 ACCELS = ("auto", "tcg", "kvm")

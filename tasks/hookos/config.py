@@ -1,4 +1,4 @@
-"""LinuxKit configs: render hook.yaml (and debug.yaml) per build and arch, validate, run `linuxkit build`."""
+"""LinuxKit configs: render hook.yaml (and debug.yaml) per build and arch, load them as LinuxKit does, validate."""
 
 from __future__ import annotations
 
@@ -7,22 +7,16 @@ import glob
 import json
 import os
 import re
-import shutil
 import string
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from tasks.arch import Arch
-from tasks.errors import HookError
-from tasks.files import atomic_write_text
-from tasks.run import find_tool, run
+from tasks.core.errors import HookError
 
-SCHEMA = Path(__file__).resolve().parent.parent / "linuxkit" / "schema-v1.8.2.json"
-OUTPUTS = ("kernel", "initrd.img", "cmdline")
+SCHEMA = Path(__file__).resolve().parents[2] / "linuxkit" / "schema-v1.8.2.json"
 
 
 class Yaml12Loader(yaml.SafeLoader):
@@ -120,84 +114,3 @@ def ssh_public_keys(patterns: Sequence[str]) -> str:
         tried = ", ".join(patterns) or "(empty)"
         raise HookError(f"no ssh public key found in {tried}: make one (ssh-keygen) or set ssh_keys=PATH.pub")
     return "\n".join(keys) + "\n"
-
-
-DOCKER_HUB = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io"})
-_LOOPBACK = re.compile(r"^(localhost|127(\.\d{1,3}){3}|\[::1\])(:\d+)?$")
-
-
-def registry_of(ref: str) -> str:
-    """The registry host[:port] of an image reference ("docker.io" for Docker Hub's short names)."""
-    first, sep, _ = ref.partition("/")
-    if sep and ("." in first or ":" in first or first == "localhost"):
-        return first
-    return "docker.io"
-
-
-def mirrors_for(refs: Sequence[str]) -> list[str]:
-    """`--mirror` values that make LinuxKit v1.8.2 pull each image from its own registry.
-
-    LinuxKit v1.8.1 and v1.8.2 drop the registry host of a reference when no mirror is given, and
-    fetch `quay.io/x/y` or `127.0.0.1:5000/x/y` from Docker Hub (fixed upstream after v1.8.2). A
-    mirror of each registry to itself restores the right host; LinuxKit then uses the credentials of
-    `docker login`. Loopback registries are spoken to over plain http, as docker does; others https.
-    """
-    mirrors = []
-    for registry in sorted({registry_of(r) for r in refs} - DOCKER_HUB):
-        scheme = "http" if _LOOPBACK.match(registry) else "https"
-        mirrors.append(f"{registry}={scheme}://{registry}")
-    return mirrors
-
-
-def build(
-    *,
-    linuxkit: str,
-    configs: Sequence[Path],
-    arch: Arch,
-    name: str,
-    outdir: Path,
-    local_images: bool,
-    mirrors: Sequence[str] = (),
-    secrets: Sequence[str] = (),
-) -> dict[str, Path]:
-    """Run `linuxkit build --format kernel+initrd` (v1.8.2 CLI) into outdir, all or nothing.
-
-    LinuxKit writes into a fresh temporary directory beside outdir; its outputs are moved into
-    place only when it succeeded, so a failure never leaves a kernel or initrd that looks finished.
-    Its working directory is the configs' folder, where `source:` paths of `files` entries point.
-    An interrupt (Ctrl-C, SIGTERM) stops linuxkit (tasks.run.run) and removes the temporary folder.
-    """
-    exe = find_tool(linuxkit, setting="linuxkit")
-    outdir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".linuxkit-", dir=outdir))
-    try:
-        argv = [exe, "build", "--format", "kernel+initrd", "--arch", arch.docker, "--name", name,
-                "--dir", str(tmp), "--no-sbom"]
-        if local_images:
-            argv.append("--docker")
-        for mirror in mirrors:
-            argv += ["--mirror", mirror]
-        argv += [str(c) for c in configs]
-        run(argv, tool="linuxkit build", cwd=configs[0].parent, secrets=secrets,
-            fix="check the image names in the config and that they exist (local engine for dev builds)")
-        made = {}
-        for kind in OUTPUTS:
-            produced = tmp / f"{name}-{kind}"
-            if kind != "cmdline" and not produced.is_file():
-                raise HookError(f"linuxkit build wrote no {produced.name}: is {exe} LinuxKit v1.8.2?")
-            made[kind] = produced
-        final = {}
-        for kind, produced in made.items():
-            target = outdir / produced.name
-            if produced.exists():
-                os.replace(produced, target)
-            elif target.exists():
-                target.unlink()
-            final[kind] = target
-        return final
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def write_rendered(path: Path, text: str) -> None:
-    atomic_write_text(path, text)

@@ -13,17 +13,17 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tasks.arch import Arch
-from tasks.embed import parse_setting as parse_embed_images
-from tasks.errors import HookError
-from tasks.iso import check_cmdline
-from tasks.tools import DEFAULT_LINUXKIT_URL, default_cache_dir
+from tasks.core.arch import Arch
+from tasks.core.errors import HookError
+from tasks.core.refs import ORG, REF
+from tasks.settings.cmdline import check_cmdline
+from tasks.settings.embed_list import parse_setting as parse_embed_images
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 
-# Loose docker reference: [registry[:port]/]path[:tag][@digest]; enough to catch typos and spaces.
-_REF = re.compile(r"^[a-z0-9]+([._:-][a-z0-9]+)*(/[a-z0-9]+([._-][a-z0-9]+)*)*(:[\w.{}-]+)?(@sha256:[0-9a-f]{64})?$")
-_ORG = re.compile(r"^[a-z0-9]+([._:-][a-z0-9]+)*(/[a-z0-9]+([._-][a-z0-9]+)*)*$")
+#: The LinuxKit CLI this pipeline is written for (tasks.hookos.tool provides it).
+LINUXKIT_VERSION = "v1.8.2"
+DEFAULT_LINUXKIT_URL = f"https://github.com/linuxkit/linuxkit/releases/download/{LINUXKIT_VERSION}"
 _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 COMPRESSIONS = ("gzip", "zstd")
 
@@ -95,7 +95,7 @@ class Settings:
     build_ca: Path | None = None
     iso_cmdline: str = "console=tty0 console={serial}"
     iso_base: str = ""
-    #: `SOURCE` or `SOURCE NAME` per embedded image (tasks.embed parses and validates them)
+    #: `SOURCE` or `SOURCE NAME` per embedded image (tasks.settings.embed_list parses and validates them)
     embed_images: tuple[str, ...] = ()
     root: Path = ROOT
 
@@ -106,6 +106,13 @@ class Settings:
     def arches_for(self, default: tuple[Arch, ...]) -> tuple[Arch, ...]:
         """The arches a build makes: the setting when given, else the build's own default."""
         return self.arches or default
+
+
+def default_cache_dir() -> Path:
+    """$XDG_CACHE_HOME/hook, else ~/.cache/hook: per user, shared by every checkout."""
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache"
+    return base / "hook"
 
 
 def _git(root: Path, *args: str) -> str | None:
@@ -217,15 +224,15 @@ def load_settings(
     bases = {}
     for name in ("bootkit_base", "docker_base", "build_image"):
         value = get(name)
-        bases[name] = _check(name, value, _REF, "an image reference") if value else ""
+        bases[name] = _check(name, value, REF, "an image reference") if value else ""
 
     return Settings(
-        org=_check("org", get("org"), _ORG, "a registry/org such as quay.io/tinkerbell (lowercase)"),
+        org=_check("org", get("org"), ORG, "a registry/org such as quay.io/tinkerbell (lowercase)"),
         arches=arches,
         version=version,
         source_date_epoch=epoch,
-        kernel=_check("kernel", get("kernel"), _REF, "an image reference such as linuxkit/kernel:6.6.71"),
-        pkg_org=_check("pkg_org", get("pkg_org"), _ORG, "a registry/org such as linuxkit"),
+        kernel=_check("kernel", get("kernel"), REF, "an image reference such as linuxkit/kernel:6.6.71"),
+        pkg_org=_check("pkg_org", get("pkg_org"), ORG, "a registry/org such as linuxkit"),
         linuxkit=get("linuxkit") or "linuxkit",
         linuxkit_url=get("linuxkit_url") or DEFAULT_LINUXKIT_URL,
         linuxkit_sha256=sha256,
@@ -237,7 +244,7 @@ def load_settings(
         build_args=_parse_build_args(get("build_args")),
         build_ca=build_ca,
         iso_cmdline=iso_cmdline,
-        iso_base=_check("iso_base", iso_base, _REF, "an image reference") if iso_base else "",
+        iso_base=_check("iso_base", iso_base, REF, "an image reference") if iso_base else "",
         embed_images=parse_embed_images(get("embed_images"), root),
         root=root,
         **bases,

@@ -22,9 +22,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tasks import engine
-from tasks.files import atomic_write_text
-from tasks.run import log_step
+from tasks.core.files import atomic_write_text
+from tasks.core.run import log_step
+from tasks.images import engine
 
 _ARG = re.compile(r"^\s*ARG\s+([A-Za-z_][A-Za-z0-9_]*)(?:=(\S*))?\s*$", re.M | re.I)
 _FROM = re.compile(r"^\s*FROM\s+(?:--platform=\S+\s+)?(\S+)", re.M | re.I)

@@ -1,5 +1,5 @@
 """cpio headers as the Linux kernel reads them: newc (070701), crc (070702) and odc (070707) in,
-newc out. Pure functions on bytes; the streaming and validation live in tasks.initramfs."""
+newc out. Pure functions on bytes; the streaming and validation live in tasks.convert.read and tasks.convert.write."""
 
 from __future__ import annotations
 

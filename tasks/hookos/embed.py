@@ -18,8 +18,9 @@ The record is the linuxkit task's file dependency: it changes when the list or a
 and then only the OS is made again. Release builds pin each image to the digest its registry had
 when it was first looked up, recorded in out/images/embedded-digests.json (`doit bases` looks again).
 
-This module is imported when dodo.py loads (tasks.config validates the setting with it): the
-standard library and our light modules only; tarfile and zlib-ng are imported when an export runs.
+The setting itself is parsed by tasks.settings.embed_list. This module is imported when dodo.py
+loads (it defines the embed tasks): the standard library and our light modules only; tarfile and
+zlib-ng are imported when an export runs.
 """
 
 from __future__ import annotations
@@ -30,18 +31,19 @@ import re
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from tasks import engine
-from tasks.arch import Arch
-from tasks.errors import HookError
-from tasks.files import atomic_write_text, atomic_writer, remove
-from tasks.run import log_step, run
+from tasks.core.arch import Arch
+from tasks.core.errors import HookError
+from tasks.core.files import atomic_write_text, atomic_writer, remove
+from tasks.core.refs import registry_of, split_tag
+from tasks.core.run import log_step, run
+from tasks.images import engine
+from tasks.settings.embed_list import Entry, default_name
 
 if TYPE_CHECKING:
-    from tasks.config import Settings
+    from tasks.settings import Settings
 
 #: Where the archives are in the OS (hook.yaml makes the directory and binds it into hook-docker).
 OS_DIR = "usr/share/hook/embedded"
@@ -59,87 +61,9 @@ GZIP_LAYERS = True
 def _format() -> str:
     """What the archives' layout is: an archive made in another one is exported again."""
     return f"{FORMAT}-{'gzip' if GZIP_LAYERS else 'tar'}"
+
+
 CHUNK = 1 << 20
-
-# [registry[:port]/]path[:tag][@sha256:digest], lowercase like docker's; {arch} allowed in a source.
-_REF = re.compile(r"^[a-z0-9]+([._:-][a-z0-9]+)*(/[a-z0-9]+([._-][a-z0-9]+)*)*(:[\w.{}-]+)?(@sha256:[0-9a-f]{64})?$")
-_NAME = re.compile(r"^[a-z0-9]+([._:-][a-z0-9]+)*(/[a-z0-9]+([._-][a-z0-9]+)*)*:[\w][\w.-]{0,127}$")
-
-
-# --- the setting ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One embedded image for one arch: where it is taken from, and the name it has in the OS."""
-
-    source: str
-    name: str
-
-
-def _split_tag(ref: str) -> tuple[str, str, str]:
-    """(repository, tag, digest) of a reference; tag and digest may be empty."""
-    rest, _, digest = ref.partition("@")
-    slash = rest.rfind("/")
-    colon = rest.rfind(":")
-    if colon > slash:
-        return rest[:colon], rest[colon + 1:], digest
-    return rest, "", digest
-
-
-def default_name(source: str) -> str | None:
-    """The name an image is embedded as when the list gives none: the source's repository and tag
-    (`:latest` when it has none, as docker does); None for a source pinned by digest alone."""
-    repo, tag, digest = _split_tag(source)
-    if digest and not tag:
-        return None
-    return f"{repo}:{tag or 'latest'}"
-
-
-def parse_setting(text: str, root: Path) -> tuple[str, ...]:
-    """Validate `embed_images` and return its entries, each `SOURCE` or `SOURCE NAME`.
-
-    The setting is a comma list, or `@FILE` (relative to the project) with one entry a line, where
-    `#` starts a comment. SOURCE may hold `{arch}` (amd64/arm64); NAME is the reference the OS
-    knows the image by (default: SOURCE without its digest, `:latest` when untagged).
-    """
-    text = text.strip()
-    if text.startswith("@"):
-        path = Path(text[1:]).expanduser()
-        path = path if path.is_absolute() else root / path
-        try:
-            lines = path.read_text().splitlines()
-        except OSError as exc:
-            raise HookError(f"setting embed_images={text}: cannot read {path} ({exc.strerror}): give a file "
-                            "with one image reference a line, or a comma list") from None
-        items = [(f"{path.name} line {n}", line.split("#", 1)[0].strip()) for n, line in enumerate(lines, 1)]
-    else:
-        items = [(f"item {n}", item.strip()) for n, item in enumerate(text.split(","), 1)]
-    entries: list[str] = []
-    names: dict[str, str] = {}
-    for where, item in items:
-        if not item:
-            continue
-        words = item.split()
-        if len(words) > 2:
-            raise HookError(f"setting embed_images ({where}): {item!r} is not 'IMAGE' or 'IMAGE NAME'")
-        source = words[0]
-        if not _REF.match(source.replace("{arch}", "amd64")) or "{" in source.replace("{arch}", ""):
-            raise HookError(f"setting embed_images ({where}): {source!r} is not an image reference "
-                            "(lowercase [registry/]path[:tag][@sha256:...]; {arch} may stand for amd64/arm64)")
-        name = words[1] if len(words) == 2 else default_name(source)
-        if name is None:
-            raise HookError(f"setting embed_images ({where}): {source} is pinned by digest alone; give the "
-                            f"name the OS asks for after it: '{source} REPOSITORY:TAG'")
-        if len(words) == 2 and not _NAME.match(name):
-            raise HookError(f"setting embed_images ({where}): the name {name!r} must be REPOSITORY:TAG "
-                            "(lowercase, no digest, no {arch}): the OS finds the image by it")
-        key = name.replace("{arch}", "amd64")
-        if key in names:
-            raise HookError(f"setting embed_images ({where}): {name} is embedded twice ({names[key]} and {item})")
-        names[key] = item
-        entries.append(source if len(words) == 1 else f"{source} {name}")
-    return tuple(entries)
 
 
 def entries(settings: Settings, arch: Arch) -> list[Entry]:
@@ -272,7 +196,7 @@ def export(settings: Settings, folder: Path, arch: Arch, *, local: bool) -> None
                 remove(stale)
     config = folder / CONFIG
     if items:
-        from tasks.linuxkit import parse
+        from tasks.hookos.config import parse
 
         text = embed_config(items)
         parse(text, str(config))  # LinuxKit v1.8.2's schema
@@ -287,7 +211,7 @@ def export(settings: Settings, folder: Path, arch: Arch, *, local: bool) -> None
 
 def embed_config(items: list[dict[str, Any]]) -> str:
     """The LinuxKit config that adds the archives to the root (read relative to linuxkit's folder)."""
-    lines = ["# Generated by hook (tasks/embed.py) from embed_images: the embedded images' archives,",
+    lines = ["# Generated by hook (tasks/hookos/embed.py) from embed_images: the embedded images' archives,",
              f"# loaded by hook-docker from /{OS_DIR} (hook.yaml binds it in) before its socket appears.",
              "files:"]
     for item in items:
@@ -321,7 +245,7 @@ def _identity_for_export(settings: Settings, entry: Entry, *, local: bool) -> tu
                             f"--platform <os/arch> {entry.source}) or build it, or take it out of embed_images")
         return found, entry.source
     digest = identity_now(settings, entry, local=False) or resolve_digest(settings, entry.source)
-    repo, _, _ = _split_tag(entry.source)
+    repo, _, _ = split_tag(entry.source)
     return digest, f"{repo}@{digest}"
 
 
@@ -332,8 +256,7 @@ def resolve_digest(settings: Settings, source: str, *, refresh: bool = False) ->
     Under a lock: two arches exported at once (`doit -n 2`) look it up once and lose no entry."""
     import fcntl
 
-    from tasks.bases import registry_digest
-    from tasks.linuxkit import registry_of
+    from tasks.images.bases import registry_digest
 
     path = digests_path(settings)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -381,10 +304,10 @@ def _docker_save(entry: Entry, spool: Path) -> None:
 
 def _linuxkit_export(settings: Settings, entry: Entry, pinned: str, arch: Arch, spool: Path) -> None:
     """Pull the pinned image into LinuxKit's cache (all its platforms), export this arch's."""
-    from tasks.linuxkit import mirrors_for, registry_of
-    from tasks.pipeline import linuxkit_tool
+    from tasks.hookos.build import mirrors_for
+    from tasks.hookos.tool import linuxkit_for
 
-    exe = linuxkit_tool(settings)
+    exe = linuxkit_for(settings)
     mirrors = [arg for m in mirrors_for([pinned]) for arg in ("--mirror", m)]
     registry = registry_of(pinned)
     try:

@@ -1,0 +1,1 @@
+"""What users download: reproducible tarballs with checksums, and the hybrid ISO."""
