@@ -1,0 +1,186 @@
+"""The command (hack/test-os.py): the options, and the run that puts the parts together in order
+(LinuxKit's source and programs, the debs, python's rootfs, kernel.tar, the images, the manifest)
+under the cache's lock.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .bases import DOCKER_BASE, PYTHON_SLIM, base_images, python_root
+from .common import HACK, Digests, TestOsError, atomic_write, busybox_applets, human, locked, run, step
+from .debs import debs, libraries
+from .engine import BUILD_IMAGE, Engine, Image
+from .kernel import kernel_image, kernel_tar
+from .linuxkit_pkgs import (
+    LINUXKIT_PATCH,
+    LINUXKIT_TARBALL,
+    PKG_ORG,
+    linuxkit_src,
+    package_images,
+    package_tags,
+    programs,
+)
+from .workloads import ACTION, TINK_WORKER, workload_images
+
+DEFAULT_PROJECT = HACK.parent
+DEFAULT_CACHE = "/var/cache/hook-test"
+DEFAULT_LINUXKIT_SRC_DIR = "/work/shared/linuxkit/src"
+DEFAULT_GO = "/usr/lib/go-1.24/bin/go"
+
+
+class TestOs:
+    def __init__(self, cache: Path, project: Path, linuxkit_src_dir: Path, go: Path, force: bool) -> None:
+        self.cache = cache
+        self.project = project
+        self.src_dir = linuxkit_src_dir
+        self.go = go
+        self.work = cache / "test-os"
+        self.digests = Digests(self.work / "digests.json")
+        self.engine = Engine(force)
+
+    # 0. preflight
+    def preflight(self) -> None:
+        if not (self.project / "linuxkit" / "hook.yaml").is_file():
+            raise TestOsError(f"{self.project}/linuxkit/hook.yaml not found: pass --project DIR, the hook checkout")
+        for tool, fix in (("docker", "install docker.io (hack/setup-test-machine.sh)"),
+                          ("dpkg-deb", "run this on Debian"), ("apt-get", "run this on Debian"),
+                          ("patch", "apt-get install patch")):
+            if shutil.which(tool) is None:
+                raise TestOsError(f"{tool} not found: {fix}")
+        run(["docker", "version", "--format", "{{.Server.Version}}"], what="docker engine",
+            fix="start dockerd (hack/setup-test-machine.sh does) and check `docker info`")
+        run(["docker", "buildx", "version"], what="docker buildx",
+            fix="install docker-buildx (hack/setup-test-machine.sh does)")
+        if not os.access(self.cache, os.W_OK):
+            raise TestOsError(f"cache {self.cache} is not writable: run as root or pass --cache DIR")
+
+    def remove_leftovers(self) -> None:
+        """Temporary directories of a run that was killed (this run holds the lock: none is in use)."""
+        for parent in (self.work, self.work / "debx", self.work / "kernel", self.cache / "linuxkit-src",
+                       self.cache / "debs"):
+            with contextlib.suppress(OSError):
+                for p in parent.iterdir():
+                    if p.name.startswith((".x-", ".py-", ".bin-", ".stage-", ".download-", ".unpack-", ".linuxkit-")) \
+                            or re.match(r"\..*\.old-\d+$", p.name):
+                        shutil.rmtree(p, ignore_errors=True)
+
+    # 4. the images, in this order: the packages, the kernel, python-slim, hook-docker-base, the workloads
+    def images(self, src: Path, bins: dict[str, Path], x: dict[str, Path], kernel_pkg: str, kernel_version: str,
+               ktar: Path, pyroot: Path) -> list[Image]:
+        tags = package_tags(self.project)
+        libs = libraries(x)
+        busybox = x["busybox-static"] / "bin" / "busybox"
+        applets = busybox_applets(busybox, self.work, self.digests)
+        images = package_images(src, tags, bins, x, libs, busybox, applets, pyroot)
+        images.append(kernel_image(x[kernel_pkg], kernel_version, ktar))
+        images += base_images(pyroot, x, libs, busybox, applets)
+        images += workload_images(busybox, applets)
+        return images
+
+    # 5. the manifest
+    def manifest(self, src: Path, images: list[Image], now: dict[str, dict[str, Any]],
+                 kernel_version: str) -> dict[str, Any]:
+        by = {i.name: i for i in images}
+        packages = {i.name: [r for r in i.refs if not r.endswith("-amd64")]
+                    for i in images if i.ref.startswith(PKG_ORG)}
+        sizes: dict[str, int] = {}
+        for image in images:
+            sizes[image.ref] = now[image.ref]["size"]
+        manifest = {
+            "pkg_org": PKG_ORG,
+            "kernel": by["kernel"].ref,
+            "kernel_version": kernel_version,
+            "python_slim": PYTHON_SLIM,
+            "docker_base": DOCKER_BASE,
+            "build_image": BUILD_IMAGE,
+            "tink_worker": TINK_WORKER,
+            "action": ACTION,
+            "linuxkit_src": str(src),
+            "packages": {k: v[0] if len(v) == 1 else v for k, v in sorted(packages.items())},
+            "arm64": {
+                "scheme": "LinuxKit packages and the kernel: <ref>-arm64 (the amd64 content with the arm64 label; "
+                          "<ref>-amd64 is the same image as <ref>), as `linuxkit pkg` tags per-arch images; "
+                          "python-slim and hook-docker-base: {arch} in the tag",
+                "per_arch": "{ref}-{arch}",
+                "images": {r: a for i in images for r, a in zip(i.refs, i.arm64_refs, strict=False)},
+            },
+            "sizes": sizes,
+            "keys": {i.ref: i.key for i in images},
+        }
+        atomic_write(self.cache / "test-os.json", (json.dumps(manifest, indent=2) + "\n").encode())
+        return manifest
+
+    def main(self) -> int:
+        started = time.monotonic()
+        self.preflight()
+        self.work.mkdir(parents=True, exist_ok=True)
+        with locked(self.work / ".lock", f"waiting for another run of test-os.py on {self.cache}"):
+            try:
+                self.remove_leftovers()
+                src = linuxkit_src(self.cache, self.src_dir, self.digests)
+                bins = programs(src, self.go, self.cache, self.work, self.digests)
+                x, kernel_pkg, kernel_version = debs(self.cache, self.work)
+                pyroot = python_root(self.cache, self.work, self.digests)
+                ktar = kernel_tar(self.work, x[kernel_pkg], x["kmod"], x["libkmod2"], kernel_version)
+                step("images: computing content keys")
+                images = self.images(src, bins, x, kernel_pkg, kernel_version, ktar, pyroot)
+                now = self.engine.make_images(images, self.digests)
+                manifest = self.manifest(src, images, now, kernel_version)
+            finally:
+                self.digests.save()
+        for image in images:
+            own = f", {human(image.rootfs.size())} of its own" if image.base else ""
+            step(f"  {image.ref}: {human(manifest['sizes'][image.ref])}{own}")
+        step(f"manifest: {self.cache / 'test-os.json'} ({len(self.engine.built)} builds, "
+             f"{time.monotonic() - started:.1f}s)")
+        return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="hack/test-os.py",
+        description="Make, in the local docker engine, LinuxKit's package images (org hooktest/linuxkit), the "
+                    "kernel image, python-slim, hook-docker-base, tink-worker and action test images from Debian "
+                    "packages and LinuxKit's sources, so that `doit dev_dist` with the real LinuxKit builds a Hook "
+                    "OS that boots here. Cached: a run with nothing changed builds nothing. Writes "
+                    "$CACHE/test-os.json. See docs/test-os.md.")
+    parser.add_argument("--cache", type=Path, default=Path(os.environ.get("HOOK_TEST_CACHE") or DEFAULT_CACHE),
+                        help="cache directory (default: $HOOK_TEST_CACHE or %(default)s)")
+    parser.add_argument("--project", type=Path, default=DEFAULT_PROJECT,
+                        help="the hook checkout whose linuxkit/*.yaml name the package tags (default: %(default)s)")
+    parser.add_argument("--linuxkit-src-dir", type=Path,
+                        default=Path(os.environ.get("HOOK_LINUXKIT_SRC_DIR") or DEFAULT_LINUXKIT_SRC_DIR),
+                        help=f"directory with {LINUXKIT_TARBALL} and {LINUXKIT_PATCH} "
+                             "(default: $HOOK_LINUXKIT_SRC_DIR or %(default)s)")
+    parser.add_argument("--go", type=Path, default=Path(DEFAULT_GO), help="the go binary (default: %(default)s)")
+    parser.add_argument("--force", action="store_true", help="build every image again, whatever its key")
+    args = parser.parse_args(argv)
+    try:
+        try:
+            args.cache.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise TestOsError(f"cannot create the cache directory {args.cache} ({exc.strerror}): "
+                              "pass --cache DIR or set HOOK_TEST_CACHE") from exc
+        return TestOs(args.cache.resolve(), args.project.resolve(), args.linuxkit_src_dir, args.go,
+                      args.force).main()
+    except TestOsError as exc:
+        print(f"test-os: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"test-os: error: {exc.filename or ''}: {exc.strerror or exc}: check the path and its permissions",
+              file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("test-os: interrupted", file=sys.stderr)
+        return 130
