@@ -432,7 +432,7 @@ def add_libraries(fs: Rootfs, binaries: Iterable[Path], libs: Libraries, *, libd
         if interp and not fs.has(f"lib64/{LOADER}"):
             loader = libs.find(LOADER)
             if loader is None:
-                raise TestOsError(f"{what}: {LOADER} not found: add libc6 to DEBS in hack/test-os.py")
+                raise TestOsError(f"{what}: {LOADER} not found: add libc6 to DEBS in hack/testos/debs.py")
             fs.file(f"lib64/{LOADER}", loader, mode=0o755)
         for soname in needed:
             if soname in seen:
@@ -444,7 +444,7 @@ def add_libraries(fs: Rootfs, binaries: Iterable[Path], libs: Libraries, *, libd
             found = libs.find(soname)
             if found is None:
                 raise TestOsError(f"{what}: shared library {soname} not found in the downloaded debs or on this host: "
-                                  "add the Debian package that has it to DEBS in hack/test-os.py")
+                                  "add the Debian package that has it to DEBS in hack/testos/debs.py")
             fs.file(f"{libdir}/{soname}", found)
             todo.append(found)
 

@@ -56,7 +56,7 @@ def kernel_tar(work: Path, kx: Path, kmod: Path, libkmod: Path, version: str) ->
             want.add(byname[name])
         elif name not in builtin_names:
             raise TestOsError(f"kernel {version} has no module {name}: "
-                              "remove it from MODULE_NAMES in hack/test-os.py")
+                              "remove it from MODULE_NAMES in hack/testos/kernel.py")
     todo = list(want)
     while todo:
         for dep in deps[todo.pop()]:

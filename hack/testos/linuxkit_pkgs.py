@@ -233,7 +233,7 @@ def package_images(src: Path, tags: dict[str, list[str]], bins: dict[str, Path],
     unknown = sorted(set(tags) - known)
     if unknown:
         raise TestOsError(f"linuxkit/*.yaml names ${{pkg_org}}/{', '.join(unknown)}, which hack/test-os.py cannot "
-                          "make: add a builder for it there")
+                          "make: add a builder for it to package_images() in hack/testos/linuxkit_pkgs.py")
 
     # init: LinuxKit's init, rc.init, service; busybox instead of Alpine's; a baselayout
     fs = Rootfs()

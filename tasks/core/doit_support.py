@@ -42,13 +42,15 @@ def interrupt_on_sigterm() -> None:
     its temporary files, and the task is recorded as failed, so the next run does it again.
 
     Python's default for SIGTERM is to die at once: no `finally`, and a linuxkit or buildx child
-    that keeps running with a temporary folder behind it.
+    that keeps running with a temporary folder behind it. SIGINT is made Ctrl-C again too: a shell
+    that starts a job in the background (`doit dist &`, a CI runner) hands it SIGINT ignored.
     """
 
     def interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
 
     signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 class lazy_config_changed(config_changed):  # noqa: N801 - named like doit's own
