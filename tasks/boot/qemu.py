@@ -459,24 +459,36 @@ class Guest:
 
         The command is wrapped in markers the typed line itself cannot match (`"=B""7="` prints
         `=B7=`), so the guest's echo of the typed line is never taken as output. Until the shell
-        answers (it may not be up yet), the command is typed again every `retry_every` seconds,
-        so it must be safe to run twice.
+        has started it (its begin marker shows; the shell may not be up yet), the command is typed
+        again every `retry_every` seconds, each time after a Ctrl-C that drops whatever half line
+        or open quote the shell holds from an earlier try (a getty that starts flushes the input
+        mid-line); so it must be safe to run twice. Once started, it has the rest of `timeout`.
         """
         n = next(self._counter)
         line = f'echo "=B""{n}="; {command}; echo "=E""{n}= $?"\n'
+        started = re.compile(rf"=B{n}=\n")
         rx = re.compile(rf"=B{n}=\n(.*?)=E{n}= (\d+)", re.S)
         deadline = time.monotonic() + timeout
         since = self.mark()
+
+        def gone() -> HookError:
+            return HookError(f"the guest's serial shell did not run {command!r} within {timeout:g}s; "
+                             f"last lines: {_tail(self.console)}")
+
         while True:
+            self.write("\x03")
             self.write(line)
             try:
-                found = self.wait_for(rx, timeout=min(retry_every, max(0.1, deadline - time.monotonic())),
-                                      since=since)
-                return ShellResult(command, found.group(1), int(found.group(2)))
+                self.wait_for(started, timeout=min(retry_every, max(0.1, deadline - time.monotonic())), since=since)
+                break
             except HookError:
                 if self._eof or time.monotonic() >= deadline:
-                    raise HookError(f"the guest's serial shell did not run {command!r} within {timeout:g}s; "
-                                    f"last lines: {_tail(self.console)}") from None
+                    raise gone() from None
+        try:
+            found = self.wait_for(rx, timeout=max(0.1, deadline - time.monotonic()), since=since)
+        except HookError:
+            raise gone() from None
+        return ShellResult(command, found.group(1), int(found.group(2)))
 
     def wait_exit(self, timeout: float) -> int:
         """Wait for QEMU to exit (the guest powered off or rebooted under -no-reboot)."""
@@ -510,6 +522,7 @@ def boot(
     nics: Sequence[Nic] | None = None,
     smp: int = 1,
     milestones: Sequence[tuple[str, str]] = (),
+    extra: Sequence[str] = (),
 ) -> BootResult:
     """Boot kernel+initrd with the console captured (-nographic, -no-reboot).
 
@@ -520,7 +533,7 @@ def boot(
     (or, on failure without a `log`, to a kept temporary file named in the error).
     """
     guest = Guest(kernel, initrd, arch=arch, cmdline=cmdline, memory_mb=memory_mb, accel=accel, log=log,
-                  echo=echo, nics=nics, smp=smp, milestone_patterns=milestones)
+                  echo=echo, nics=nics, smp=smp, milestone_patterns=milestones, extra=extra)
     failure: str | None = None
     matched = False
     returncode: int | None = None
