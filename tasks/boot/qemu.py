@@ -25,6 +25,7 @@ That path is written but not booted here (no aarch64 firmware or qemu-system-arm
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import itertools
 import os
@@ -457,17 +458,20 @@ class Guest:
     def sh(self, command: str, *, timeout: float = 60, retry_every: float = 5.0) -> ShellResult:
         """Run a shell command in the guest's serial shell; return what it printed and its status.
 
-        The command is wrapped in markers the typed line itself cannot match (`"=B""7="` prints
-        `=B7=`), so the guest's echo of the typed line is never taken as output. Until the shell
-        has started it (its begin marker shows; the shell may not be up yet), the command is typed
-        again every `retry_every` seconds, each time after a Ctrl-C that drops whatever half line
-        or open quote the shell holds from an earlier try (a getty that starts flushes the input
-        mid-line); so it must be safe to run twice. Once started, it has the rest of `timeout`.
+        The typed line holds no quote, backslash or bracket: the command goes base64-encoded
+        (`echo B64 | base64 -d | sh`). Until the shell runs it (it may not be up yet), the line is
+        typed again every `retry_every` seconds; a shell that starts reads only the end of a line
+        typed before it (getty flushes the input), and no end of this line can leave it in an open
+        quote or another unfinished command. The command must be safe to run twice. The markers
+        around its output cannot match the typed line: the begin marker only at the start of a
+        line, the end marker only with the status's digits after it. Once the command has started,
+        it has the rest of `timeout`.
         """
         n = next(self._counter)
-        line = f'echo "=B""{n}="; {command}; echo "=E""{n}= $?"\n'
-        started = re.compile(rf"=B{n}=\n")
-        rx = re.compile(rf"=B{n}=\n(.*?)=E{n}= (\d+)", re.S)
+        encoded = base64.b64encode(command.encode()).decode()
+        line = f"echo =B{n}=; echo {encoded} | base64 -d | sh; echo =E{n}= $?\n"
+        rx = re.compile(rf"(?m)^=B{n}=\n(.*?)=E{n}= (\d+)", re.S)
+        started = re.compile(rf"(?m)^=B{n}=\n")
         deadline = time.monotonic() + timeout
         since = self.mark()
 
@@ -476,7 +480,6 @@ class Guest:
                              f"last lines: {_tail(self.console)}")
 
         while True:
-            self.write("\x03")
             self.write(line)
             try:
                 self.wait_for(started, timeout=min(retry_every, max(0.1, deadline - time.monotonic())), since=since)
