@@ -5,6 +5,7 @@ Settings: `doit dist org=ghcr.io/me arches=x86_64`, else HOOK_* variables, else 
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 
@@ -22,9 +23,11 @@ from tasks.core.errors import HookError
 from tasks.hookos import embed
 from tasks.hookos.stage import os_inputs
 from tasks.images import build as images
+from tasks.images import tools
 from tasks.images.bases import BaseResolver
 from tasks.images.plan import ImagePlan, image_records, plan_images, refresh_bases
-from tasks.images.specs import is_current
+from tasks.images.specs import context_files, is_current
+from tasks.kernel import source as source_kernel
 from tasks.media import iso
 from tasks.media.package import package_build
 from tasks.settings import SETTINGS, load_settings
@@ -90,15 +93,18 @@ def _relative(paths: list) -> list[str]:
 
 def _image_task(plan: ImagePlan, arch: Arch, *, local: bool) -> dict:
     record = image_record(S, plan.spec.name, arch, local=local)
+    if plan.spec.maker == "kernel-source":  # our kernel from a source tarball (tasks.kernel.source)
+        make, extra = functools.partial(source_kernel.make_kernel, push=not local), source_kernel.source_files(S)
+    else:
+        make, extra = images.load_image if local else images.push_image, []
     return {
         "name": f"{plan.spec.name}-{arch}",
-        "file_dep": _relative(plan.files),
+        "file_dep": _relative([*plan.files, *extra]),
         "targets": _relative([record]),
         # The tag is made when the task runs (files, build args, base identities); this asks
         # whether any of those changed without a network lookup.
         "uptodate": [lambda: is_current(plan.spec, S, arch, record, BASES)],
-        "actions": [action(images.load_image if local else images.push_image, plan.spec, S, arch, plan.files,
-                           record, BASES)],
+        "actions": [action(make, plan.spec, S, arch, plan.files, record, BASES)],
         "clean": True,
     }
 
@@ -212,12 +218,11 @@ def task_debug_image():
 
 def task_iso_tools():
     """Build the ISO tools image (containers/hook-iso: GRUB, xorriso, mtools) into the local engine."""
-    record = iso.tool_record(S)
     return {
-        "file_dep": _relative(iso.tool_files(S.root)),
-        "targets": _relative([record]),
-        "uptodate": [lambda: iso.tool_is_current(S, record, BASES)],
-        "actions": [action(iso.build_tool, S, record, BASES)],
+        "file_dep": _relative(context_files(iso.TOOLS, S.root)),
+        "targets": _relative([tools.record_path(S, iso.TOOLS)]),
+        "uptodate": [lambda: tools.is_current(S, iso.TOOLS, BASES)],
+        "actions": [action(tools.build, S, iso.TOOLS, BASES, versions=iso.TOOL_VERSIONS)],
         "clean": True,
     }
 
@@ -227,7 +232,7 @@ def _iso_tasks(build: Build):
         record = iso.iso_record(S, build, arch)
         yield {
             "name": str(arch),
-            "file_dep": _relative([*boot_files(S, build, arch), iso.tool_record(S), *ISO_CODE]),
+            "file_dep": _relative([*boot_files(S, build, arch), tools.record_path(S, iso.TOOLS), *ISO_CODE]),
             "targets": _relative([iso.iso_path(S, build, arch), record]),
             "task_dep": [f"package:{build.name}"],  # both write checksum.txt: one after the other
             "uptodate": [config_changed(iso.iso_config(S, arch)),
@@ -287,6 +292,28 @@ def task_boot():
              "help": "wait for this text on the console, then stop (default: interactive)"},
             {"name": "timeout", "long": "timeout", "type": float, "default": 600.0,
              "help": "seconds to wait for --expect"},
+        ],
+        "uptodate": [False],
+        "verbosity": 2,
+    }
+
+
+def task_kernel_config():
+    """Edit our kernel config (kernel_flavour=source): make menuconfig in the builder, saved as a savedefconfig."""
+
+    def edit(arch: str, tool: str) -> TaskFailed | None:
+        try:
+            source_kernel.edit_config(S, Arch.parse(arch) if arch else Arch.native(), BASES, tool=tool)
+        except HookError as exc:
+            return TaskFailed(str(exc))
+        return None
+
+    return {
+        "actions": [edit],
+        "params": [
+            {"name": "arch", "long": "arch", "default": "", "help": "x86_64 or aarch64 (default: this machine's)"},
+            {"name": "tool", "long": "tool", "default": "menuconfig",
+             "help": "the make target: menuconfig (default), nconfig, or olddefconfig (no terminal needed)"},
         ],
         "uptodate": [False],
         "verbosity": 2,

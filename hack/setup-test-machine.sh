@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up a Debian 12 machine to run hook's tests: idempotent, safe to run again.
 # Installs Debian's docker.io, buildx and Go 1.24 (both from trixie, pinned low), docker-registry,
-# qemu, cpio, busybox, debootstrap; downloads a Debian kernel for QEMU boots; starts dockerd; makes
+# qemu, cpio, busybox, debootstrap; starts dockerd; makes
 # the local base images the tests build on (no registry to pull from here). The test OS (LinuxKit's
 # packages remade from Debian parts) and LinuxKit itself come after, from hack/test.sh.
 set -euo pipefail
@@ -12,7 +12,7 @@ log() { printf '==> %s\n' "$*" >&2; }
 
 need_pkgs=()
 for p in docker.io docker-registry qemu-system-x86 qemu-user-static busybox-static cpio \
-         debootstrap zstd xz-utils pigz iproute2 apache2-utils openssh-client gcc libc6-dev patch ovmf \
+         debootstrap zstd xz-utils pigz iproute2 apache2-utils openssh-client gcc libc6-dev patch ovmf kmod \
          qemu-system-arm qemu-efi-aarch64; do
   dpkg -s "$p" >/dev/null 2>&1 || need_pkgs+=("$p")
 done
@@ -41,17 +41,6 @@ PIN
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends -t trixie docker-buildx \
     golang-1.24-go >/dev/null
-fi
-
-# A Debian kernel for QEMU boots and for the LinuxKit stand-in's kernel output.
-if [ ! -s "$CACHE/vmlinuz" ]; then
-  log "kernel: downloading a Debian linux-image for QEMU"
-  tmp=$(mktemp -d)
-  pkg=$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-/{print $2; exit}')
-  (cd "$tmp" && apt-get download -qq "$pkg")
-  dpkg-deb --fsys-tarfile "$tmp"/*.deb | tar -x -C "$tmp" --wildcards './boot/vmlinuz-*'
-  cp "$tmp"/boot/vmlinuz-* "$CACHE/vmlinuz.tmp" && mv "$CACHE/vmlinuz.tmp" "$CACHE/vmlinuz"
-  rm -rf "$tmp"
 fi
 
 # dockerd: start it unless it already answers.

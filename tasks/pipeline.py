@@ -11,7 +11,7 @@ from tasks.convert.stage import convert
 from tasks.core.arch import Arch
 from tasks.core.run import log_step
 from tasks.hookos import embed
-from tasks.hookos.stage import build_os
+from tasks.hookos.stage import build_os, kernel_lines
 from tasks.images.plan import ImagePlan, image_refs
 from tasks.settings import Settings
 from tasks.settings.builds import Build, boot_files, linuxkit_dir
@@ -21,5 +21,7 @@ def make_os(settings: Settings, build: Build, arch: Arch, plans: dict[str, Image
     """`linuxkit:<build>-<arch>`: the whole OS of one arch, from the image records to what iPXE boots."""
     build_os(settings, build, arch, image_refs(settings, plans, build, arch))
     convert(settings, build, arch)
+    for line in kernel_lines(settings, build, arch):
+        log_step(line)
     for line in embed.size_report(linuxkit_dir(settings, build, arch), boot_files(settings, build, arch)[1]):
         log_step(line)

@@ -3,6 +3,7 @@ or by these fixtures), never mocks."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -44,12 +45,25 @@ def docker_engine() -> None:
 
 
 @pytest.fixture(scope="session")
-def test_kernel() -> Path:
-    """A real Debian kernel (bzImage) for QEMU boots and the LinuxKit stand-in."""
-    path = CACHE / "vmlinuz"
-    if not path.is_file():
-        pytest.fail(f"no test kernel at {path}: {SETUP}")
-    return path
+def shipped_kernel(tmp_path_factory: pytest.TempPathFactory, test_os: dict) -> dict:
+    """Our kernel image for this machine's arch, as the pipeline builds it (`doit image_load:hook-kernel-<arch>`,
+    the Debian flavour from Debian's mirror): its record and its files /kernel, /kernel.tar, /kernel.json.
+    The kernel every boot test boots is this one, the kernel users get."""
+    from tasks.core.arch import Arch
+    from tests.pipeline_env import image_files, make_project
+
+    arch = Arch.native()
+    project = make_project(tmp_path_factory.mktemp("kernel") / "hook")
+    project.doit(f"image_load:hook-kernel-{arch}")
+    record = json.loads(project.out(f"images/local/hook-kernel-{arch}.json").read_text())
+    files = image_files(record["ref"], ["kernel", "kernel.tar", "kernel.json"], tmp_path_factory.mktemp("kernel-files"))
+    return {"record": record, "ref": record["ref"], **files}
+
+
+@pytest.fixture(scope="session")
+def test_kernel(shipped_kernel: dict) -> Path:
+    """The kernel (bzImage) of our kernel image, for QEMU boots of small test initramfs."""
+    return shipped_kernel["kernel"]
 
 
 @pytest.fixture(scope="session")
@@ -160,7 +174,7 @@ def test_os(docker_engine: None) -> dict:
         linuxkit_binary()
     except RuntimeError as exc:
         pytest.fail(str(exc))
-    for ref in (manifest["kernel"], manifest["tink_worker"], manifest["python_slim"].format(arch="amd64"),
+    for ref in (manifest["tink_worker"], manifest["python_slim"].format(arch="amd64"),
                 manifest["docker_base"].format(arch="amd64")):
         if subprocess.run(["docker", "image", "inspect", ref], capture_output=True).returncode:
             pytest.fail(f"test OS image {ref} missing: run hack/test-os.py")
@@ -174,7 +188,7 @@ def dev_project(tmp_path_factory: pytest.TempPathFactory, test_os: dict):  # noq
     from tests.pipeline_env import make_project
 
     project = make_project(tmp_path_factory.mktemp("dev") / "hook")
-    project.doit("dev_dist")
+    project.built = project.doit("dev_dist")
     return project
 
 

@@ -69,6 +69,8 @@ class Project:
 
     root: Path
     env: dict[str, str]
+    #: the first build of a shared fixture project (its log: the size report, milestones)
+    built: DoitResult | None = None
 
     def doit(self, *args: str, check: bool = True, extra_env: dict[str, str] | None = None,
              timeout: float = 1800) -> DoitResult:
@@ -123,7 +125,7 @@ def project_settings() -> dict[str, str]:
     return {
         "HOOK_ORG": LOCAL_ORG,
         "HOOK_PKG_ORG": manifest["pkg_org"],
-        "HOOK_KERNEL": manifest["kernel"],
+        "HOOK_DEBIAN_BUILDER": manifest["build_image"],  # a Debian with apt: our kernel image is made in it
         "HOOK_LINUXKIT": str(linuxkit_binary()),
         "HOOK_BOOTKIT_BASE": manifest["python_slim"],
         "HOOK_DOCKER_BASE": manifest["docker_base"],
@@ -153,15 +155,29 @@ def copy_out(source: Project, target: Project) -> None:
     subprocess.run(["cp", "-a", str(source.root / "out"), str(target.root / "out")], check=True)
 
 
-def linuxkit_package_refs(pkg_org: str, kernel: str) -> list[str]:
-    """Every image hook.yaml and debug.yaml name, other than our own, with pkg_org filled in."""
+def linuxkit_package_refs(pkg_org: str) -> list[str]:
+    """Every image hook.yaml and debug.yaml name, other than our own (the programs, the kernel), with
+    pkg_org filled in."""
     sys.path.insert(0, str(ROOT))
     from tasks.hookos import config as linuxkit
 
-    values = {"serial": "ttyS0", "kernel": kernel, "pkg_org": pkg_org, "hook_docker": "x/hook-docker:x",
+    values = {"serial": "ttyS0", "kernel": "x/hook-kernel:x", "pkg_org": pkg_org, "hook_docker": "x/hook-docker:x",
               "hook_bootkit": "x/hook-bootkit:x"}
     refs: list[str] = []
     for name in ("hook.yaml", "debug.yaml"):
         config = linuxkit.parse(linuxkit.render(ROOT / "linuxkit" / name, values), name)
         refs += [r for r in linuxkit.images_of(config) if not r.startswith("x/")]
     return sorted(set(refs))
+
+
+def image_files(ref: str, names: list[str], dest: Path) -> dict[str, Path]:
+    """Copy files out of a local image without running it (docker create + docker cp)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    created = subprocess.run(["docker", "create", ref, "/none"], check=True, capture_output=True, text=True)
+    container = created.stdout.strip()
+    try:
+        for name in names:
+            subprocess.run(["docker", "cp", f"{container}:/{name}", str(dest / name)], check=True, capture_output=True)
+    finally:
+        subprocess.run(["docker", "rm", container], capture_output=True)
+    return {name: dest / name for name in names}

@@ -26,7 +26,7 @@ from tests.pipeline_env import Project
 
 pytestmark = pytest.mark.slow
 ARCH = Arch.native()
-MEMORY_MB = 1024  # enough: the root (about 300 MB) is copied into a tmpfs of half the RAM
+MEMORY_MB = 1536  # the root (about 400 MB: our kernel's modules and firmware) is copied into a tmpfs of half the RAM
 GUEST_REGISTRY = f"{qemu.GUEST_SERVICE_IP}:5000"
 WORKER_ID = "hook-test-machine-1"
 WORKER_IMAGE = f"{GUEST_REGISTRY}/hooktest/tink-worker:test"

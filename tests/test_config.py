@@ -24,7 +24,8 @@ def test_defaults() -> None:
     assert s.org == "quay.io/tinkerbell"
     assert s.arches is None
     assert s.compression == "gzip"
-    assert s.kernel == "linuxkit/kernel:6.6.71"
+    assert s.kernel == ""  # ours: hook-kernel, built by the pipeline
+    assert (s.kernel_flavour, s.kernel_suite, s.kernel_version) == ("debian", "bookworm", "")
     assert s.version == "v1" and s.source_date_epoch == 1700000000
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Registry
-from tests.pipeline_env import Project, linuxkit_package_refs, make_project, os_manifest
+from tests.pipeline_env import Project, linuxkit_package_refs, make_project
 
 pytestmark = pytest.mark.slow
 PASSWORD = "s3cr=t pass"
@@ -26,14 +26,14 @@ def _docker(*args: str, config: Path) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture
 def registry(registry_factory, tmp_path: Path, test_os: dict) -> tuple[Registry, Path]:  # noqa: ANN001
-    """A registry with auth, logged in, holding the test OS's packages and kernel as multi-arch indexes.
+    """A registry with auth, logged in, holding the test OS's packages as multi-arch indexes.
 
     The arm64 halves are the test OS's arm64-labelled copies (amd64 content: nothing arm64 boots here).
     """
     reg = registry_factory(username="hook", password=PASSWORD)
     config = tmp_path / "docker-config"
     reg.login(config)
-    local_refs = linuxkit_package_refs(test_os["pkg_org"], test_os["kernel"])
+    local_refs = linuxkit_package_refs(test_os["pkg_org"])
     for local in local_refs:
         remote = _remote(reg, local)
         sources = []
@@ -46,7 +46,7 @@ def registry(registry_factory, tmp_path: Path, test_os: dict) -> tuple[Registry,
 
 
 def _remote(reg: Registry, local: str) -> str:
-    """hooktest/linuxkit/init:TAG -> <registry>/linuxkit/init:TAG; hooktest/kernel:V -> <registry>/linuxkit/kernel:V."""
+    """hooktest/linuxkit/init:TAG -> <registry>/linuxkit/init:TAG."""
     return f"{reg.addr}/linuxkit/{local.rsplit('/', 1)[1]}"
 
 
@@ -54,7 +54,6 @@ def _project(tmp_path: Path, reg: Registry, config: Path) -> Project:
     return make_project(tmp_path / "hook", env={
         "HOOK_ORG": f"{reg.addr}/hooktest",
         "HOOK_PKG_ORG": f"{reg.addr}/linuxkit",
-        "HOOK_KERNEL": _remote(reg, os_manifest()["kernel"]),
         "DOCKER_CONFIG": str(config),
     })
 
@@ -70,7 +69,7 @@ def test_dist_pushes_multi_arch_indexes_and_packages_every_arch(
     reg, config = registry
     project = _project(tmp_path, reg, config)
     result = project.doit("dist")
-    for image in ("hook-bootkit", "hook-docker"):
+    for image in ("hook-bootkit", "hook-docker", "hook-kernel"):
         for arch in ("x86_64", "aarch64"):
             assert f"image_push:{image}-{arch}" in result.executed
         assert f"image_index:{image}" in result.executed
@@ -78,7 +77,7 @@ def test_dist_pushes_multi_arch_indexes_and_packages_every_arch(
         assert _platforms(index, config) == {"linux/amd64", "linux/arm64"}
         assert f"{reg.addr}/hooktest/{image}:" in index
     rendered = project.out("linuxkit/release/aarch64/hook.yaml").read_text()
-    assert f"image: {index}\n" in rendered  # the index, not a per-arch tag
+    assert f"image: {index}\n" in rendered  # the index, not a per-arch tag (our kernel's, the last of the loop)
     # the real LinuxKit took every image from this registry (not Docker Hub), with our credentials
     assert f"--mirror {reg.addr}=http://{reg.addr}" in result.stderr
     assert "index.docker.io" not in result.output

@@ -32,7 +32,16 @@ from tasks.hookos.embed import Entry, default_name, write_archive
 from tasks.settings.embed_list import parse_setting
 from tests.conftest import REGISTRY_PASSWORD, REGISTRY_USER, Registry, free_port
 from tests.pipeline_env import Project, copy_out, make_project
-from tests.test_boot import BOOT_TIMEOUT, MARKER, WORKER_IMAGE, in_service, packaged, report, tinkerbell_cmdline
+from tests.test_boot import (
+    BOOT_TIMEOUT,
+    MARKER,
+    MEMORY_MB,
+    WORKER_IMAGE,
+    in_service,
+    packaged,
+    report,
+    tinkerbell_cmdline,
+)
 
 ARCH = Arch.native()
 TASK = f"embed:dev-{ARCH}"
@@ -342,7 +351,7 @@ def embedded_boot_files(dev_project: Project, test_os: dict, tmp_path_factory: p
 
 
 def _guest(files: tuple[Path, Path], log: Path, nics: list[qemu.Nic]) -> qemu.Guest:
-    return qemu.Guest(*files, arch=ARCH, cmdline=tinkerbell_cmdline(), memory_mb=1024, accel="tcg", smp=2,
+    return qemu.Guest(*files, arch=ARCH, cmdline=tinkerbell_cmdline(), memory_mb=MEMORY_MB, accel="tcg", smp=2,
                       nics=nics, extra=["-device", "virtio-rng-pci"], log=log, milestone_patterns=qemu.HOOK_MILESTONES)
 
 

@@ -26,6 +26,7 @@ import pytest
 from tasks.boot import qemu
 from tasks.core.arch import Arch
 from tasks.core.errors import HookError
+from tasks.images import tools
 from tasks.images.bases import BaseResolver
 from tasks.images.specs import read_record
 from tasks.media import iso
@@ -126,7 +127,7 @@ def tool_ref(tmp_path_factory: pytest.TempPathFactory, docker_engine: None) -> s
                                                    "HOOK_VERSION": "test", "SOURCE_DATE_EPOCH": str(EPOCH)})
     record = folder / "hook-iso.json"
     started = time.monotonic()
-    iso.build_tool(settings, record, BaseResolver(folder / "bases.json"))
+    tools.build(settings, iso.TOOLS, BaseResolver(folder / "bases.json"), versions=iso.TOOL_VERSIONS, record=record)
     data = read_record(record)
     assert data is not None
     print(f"\n[tool image] {data['ref']} ready in {time.monotonic() - started:.1f}s: {', '.join(data['versions'])}")

@@ -85,9 +85,9 @@ def test_no_module_uses_another_packages_private_names() -> None:
 def test_the_private_name_check_finds_a_crossing(tmp_path: Path) -> None:
     shutil.copytree(ROOT / "tasks", tmp_path / "tasks", ignore=shutil.ignore_patterns("__pycache__"))
     with (tmp_path / "tasks" / "media" / "iso.py").open("a") as f:
-        f.write("\n\ndef _peek(settings):\n    return docker._checked()\n")
+        f.write("\n\ndef _peek(settings):\n    return tools._docker_output([])\n")
     with (tmp_path / "tasks" / "pipeline.py").open("a") as f:
         f.write("\nfrom tasks.images.specs import _IGNORED  # noqa: E402, F401\n")
     crossings = private_crossings(tmp_path)
-    assert any("docker._checked (tasks.images.docker)" in c for c in crossings), crossings
+    assert any("tools._docker_output (tasks.images.tools)" in c for c in crossings), crossings
     assert "tasks.pipeline: from tasks.images.specs import _IGNORED" in crossings

@@ -3,6 +3,7 @@ the test OS's packages (hack/test-os.py). What the OS does when it boots: tests/
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import subprocess
@@ -43,13 +44,16 @@ def test_dev_dist_outputs(dev_project: Project, test_os: dict) -> None:
         assert tar.getnames() == [f"./initramfs-{ARCH}", f"./vmlinuz-{ARCH}"]
     rendered = dev_project.out(f"linuxkit/dev/{ARCH}/hook.yaml").read_text()
     assert "hooktest/tinkerbell/hook-bootkit:" in rendered and f"-{ARCH.docker}\n" in rendered
-    assert f"image: {test_os['kernel']}\n" in rendered
+    kernel = json.loads(dev_project.out(f"images/local/hook-kernel-{ARCH}.json").read_text())
+    assert f"image: {kernel['ref']}\n" in rendered  # our kernel image: hooktest/tinkerbell/hook-kernel:<hash>-amd64
+    assert kernel["ref"].startswith("hooktest/tinkerbell/hook-kernel:")
     # what the real LinuxKit made: our services and the kernel's modules are in the initramfs
     initramfs = dev_project.out(f"dev/{ARCH}/initramfs-{ARCH}")
     listing = subprocess.run([sys.executable, "-m", "tasks.initramfs", "list", str(initramfs)],
                              cwd=dev_project.root, capture_output=True, text=True, check=True).stdout
     for path in ("containers/services/hook-docker/config.json", "containers/services/hook-bootkit/config.json",
-                 "usr/bin/containerd", "etc/motd"):
+                 "usr/bin/containerd", "etc/motd", f"lib/modules/{kernel['report']['version']}/modules.dep",
+                 "lib/firmware/tigon/tg3.bin"):
         assert path in listing
 
 

@@ -1,5 +1,5 @@
 """The command (hack/test-os.py): the options, and the run that puts the parts together in order
-(LinuxKit's source and programs, the debs, python's rootfs, kernel.tar, the images, the manifest)
+(LinuxKit's source and programs, the debs, python's rootfs, the images, the manifest)
 under the cache's lock.
 """
 
@@ -21,7 +21,6 @@ from .bases import DOCKER_BASE, PYTHON_SLIM, base_images, python_root
 from .common import HACK, Digests, TestOsError, atomic_write, busybox_applets, human, locked, run, step
 from .debs import debs, libraries
 from .engine import BUILD_IMAGE, Engine, Image
-from .kernel import kernel_image, kernel_tar
 from .linuxkit_pkgs import (
     LINUXKIT_PATCH,
     LINUXKIT_TARBALL,
@@ -67,7 +66,7 @@ class TestOs:
 
     def remove_leftovers(self) -> None:
         """Temporary directories of a run that was killed (this run holds the lock: none is in use)."""
-        for parent in (self.work, self.work / "debx", self.work / "kernel", self.cache / "linuxkit-src",
+        for parent in (self.work, self.work / "debx", self.cache / "linuxkit-src",
                        self.cache / "debs"):
             with contextlib.suppress(OSError):
                 for p in parent.iterdir():
@@ -75,23 +74,19 @@ class TestOs:
                             or re.match(r"\..*\.old-\d+$", p.name):
                         shutil.rmtree(p, ignore_errors=True)
 
-    # 4. the images, in this order: the packages, the kernel, python-slim, hook-docker-base, the workloads
-    def images(self, src: Path, bins: dict[str, Path], x: dict[str, Path], kernel_pkg: str, kernel_version: str,
-               ktar: Path, pyroot: Path) -> list[Image]:
+    # 4. the images, in this order: the packages, python-slim, hook-docker-base, the workloads
+    def images(self, src: Path, bins: dict[str, Path], x: dict[str, Path], pyroot: Path) -> list[Image]:
         tags = package_tags(self.project)
         libs = libraries(x)
         busybox = x["busybox-static"] / "bin" / "busybox"
         applets = busybox_applets(busybox, self.work, self.digests)
         images = package_images(src, tags, bins, x, libs, busybox, applets, pyroot)
-        images.append(kernel_image(x[kernel_pkg], kernel_version, ktar))
         images += base_images(pyroot, x, libs, busybox, applets)
         images += workload_images(busybox, applets)
         return images
 
     # 5. the manifest
-    def manifest(self, src: Path, images: list[Image], now: dict[str, dict[str, Any]],
-                 kernel_version: str) -> dict[str, Any]:
-        by = {i.name: i for i in images}
+    def manifest(self, src: Path, images: list[Image], now: dict[str, dict[str, Any]]) -> dict[str, Any]:
         packages = {i.name: [r for r in i.refs if not r.endswith("-amd64")]
                     for i in images if i.ref.startswith(PKG_ORG)}
         sizes: dict[str, int] = {}
@@ -99,8 +94,6 @@ class TestOs:
             sizes[image.ref] = now[image.ref]["size"]
         manifest = {
             "pkg_org": PKG_ORG,
-            "kernel": by["kernel"].ref,
-            "kernel_version": kernel_version,
             "python_slim": PYTHON_SLIM,
             "docker_base": DOCKER_BASE,
             "build_image": BUILD_IMAGE,
@@ -109,7 +102,7 @@ class TestOs:
             "linuxkit_src": str(src),
             "packages": {k: v[0] if len(v) == 1 else v for k, v in sorted(packages.items())},
             "arm64": {
-                "scheme": "LinuxKit packages and the kernel: <ref>-arm64 (the amd64 content with the arm64 label; "
+                "scheme": "LinuxKit packages: <ref>-arm64 (the amd64 content with the arm64 label; "
                           "<ref>-amd64 is the same image as <ref>), as `linuxkit pkg` tags per-arch images; "
                           "python-slim and hook-docker-base: {arch} in the tag",
                 "per_arch": "{ref}-{arch}",
@@ -130,13 +123,12 @@ class TestOs:
                 self.remove_leftovers()
                 src = linuxkit_src(self.cache, self.src_dir, self.digests)
                 bins = programs(src, self.go, self.cache, self.work, self.digests)
-                x, kernel_pkg, kernel_version = debs(self.cache, self.work)
+                x = debs(self.cache, self.work)
                 pyroot = python_root(self.cache, self.work, self.digests)
-                ktar = kernel_tar(self.work, x[kernel_pkg], x["kmod"], x["libkmod2"], kernel_version)
                 step("images: computing content keys")
-                images = self.images(src, bins, x, kernel_pkg, kernel_version, ktar, pyroot)
+                images = self.images(src, bins, x, pyroot)
                 now = self.engine.make_images(images, self.digests)
-                manifest = self.manifest(src, images, now, kernel_version)
+                manifest = self.manifest(src, images, now)
             finally:
                 self.digests.save()
         for image in images:
@@ -151,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="hack/test-os.py",
         description="Make, in the local docker engine, LinuxKit's package images (org hooktest/linuxkit), the "
-                    "kernel image, python-slim, hook-docker-base, tink-worker and action test images from Debian "
+                    "python-slim, hook-docker-base, tink-worker and action test images from Debian "
                     "packages and LinuxKit's sources, so that `doit dev_dist` with the real LinuxKit builds a Hook "
                     "OS that boots here. Cached: a run with nothing changed builds nothing. Writes "
                     "$CACHE/test-os.json. See docs/test-os.md.")

@@ -1,6 +1,7 @@
 """Debian packages: apt's candidates, `apt-get download` into $CACHE/debs, each deb extracted once
-into $CACHE/test-os/debx (the kernel's module tree indexed by Debian's depmod), and the Libraries
-that look in them (then on the host).
+into $CACHE/test-os/debx, and the Libraries that look in them (then on the host).
+
+No kernel: the OS boots the project's own kernel image (containers/hook-kernel), as users get it.
 """
 
 from __future__ import annotations
@@ -14,10 +15,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .common import Libraries, TestOsError, atomic_write, jail_resolve, replace_dir, run, step
+from .common import Libraries, TestOsError, atomic_write, replace_dir, run, step
 
-#: Debian packages downloaded into $CACHE/debs (the kernel package is added: the one that
-#: linux-image-amd64 depends on). Libraries not listed here come from the host, if it has them.
+#: Debian packages downloaded into $CACHE/debs. Libraries not listed here come from the host, if it has them.
 DEBS = [
     "busybox-static", "libc6", "containerd", "runc", "docker.io", "tini", "iptables", "libip4tc2",
     "libip6tc2", "libxtables12", "libnftnl11", "libnetfilter-conntrack3", "libnfnetlink0", "libmnl0",
@@ -57,18 +57,9 @@ def apt_candidates(names: list[str], work: Path) -> dict[str, tuple[str, str, st
     return found
 
 
-def debs(cache: Path, work: Path) -> tuple[dict[str, Path], str, str]:
-    """Download what is missing into $CACHE/debs and extract each deb once.
-
-    Returns ({package: extracted dir}, the kernel package, the kernel version).
-    """
-    meta = apt_candidates(["linux-image-amd64"], work)
-    m = re.search(r"(linux-image-[0-9][^ ,]*-amd64)", meta["linux-image-amd64"][2])
-    if not m:
-        raise TestOsError("linux-image-amd64 depends on no linux-image-*-amd64: run `apt-get update`")
-    kernel_pkg = m.group(1)
-    kernel_version = kernel_pkg.removeprefix("linux-image-")
-    names = [kernel_pkg, *DEBS]
+def debs(cache: Path, work: Path) -> dict[str, Path]:
+    """Download what is missing into $CACHE/debs and extract each deb once: {package: extracted dir}."""
+    names = list(DEBS)
     cand = apt_candidates(names, work)
     debdir = cache / "debs"
     debdir.mkdir(parents=True, exist_ok=True)
@@ -94,16 +85,13 @@ def debs(cache: Path, work: Path) -> tuple[dict[str, Path], str, str]:
     extracted: dict[str, Path] = {}
     debx = work / "debx"
     debx.mkdir(parents=True, exist_ok=True)
-    for n in [*DEBS, kernel_pkg]:  # the kernel last: its modules.dep is made with the extracted kmod
+    for n in DEBS:
         final = debx / files[n].name.removesuffix(".deb")
         if not final.is_dir():
             tmp = Path(tempfile.mkdtemp(dir=debx, prefix=".x-"))
             try:
                 run(["dpkg-deb", "-x", files[n], tmp], what=f"dpkg-deb -x {files[n].name}",
                     fix=f"the deb is damaged: delete {files[n]} and run again")
-                if n == kernel_pkg:
-                    step(f"debs: depmod of the whole {kernel_version} module tree (to choose from)")
-                    depmod(extracted["kmod"], extracted["libkmod2"], tmp, kernel_version)
                 replace_dir(tmp, final)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -111,15 +99,7 @@ def debs(cache: Path, work: Path) -> tuple[dict[str, Path], str, str]:
     for old in debx.iterdir():  # versions no longer wanted
         if old not in extracted.values():
             shutil.rmtree(old, ignore_errors=True)
-    return extracted, kernel_pkg, kernel_version
-
-
-def depmod(kmod: Path, libkmod: Path, base: Path, version: str) -> None:
-    """Debian's depmod (from the extracted kmod and libkmod2 debs) over base/lib/modules/version."""
-    libs = ":".join(str(libkmod / d) for d in ("lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu"))
-    kmod_bin = kmod / jail_resolve(kmod, "bin/kmod")
-    run(["depmod", "-b", base, version], executable=kmod_bin, env={**os.environ, "LD_LIBRARY_PATH": libs},
-        what="depmod (Debian's kmod)", fix="see its output above; delete $CACHE/test-os/debx to extract again")
+    return extracted
 
 
 def libraries(x: dict[str, Path]) -> Libraries:

@@ -1,6 +1,6 @@
 """LinuxKit's packages: its v1.8.2 source (unpacked and patched once), its Go programs (and
 usermode-helper), the package tags the project's configs name, and the package images (init, runc,
-containerd, ca-certificates, firmware, sysctl, sysfs, modprobe, dhcpcd, getty, rngd, openntpd, sshd)
+containerd, ca-certificates, sysctl, sysfs, modprobe, dhcpcd, getty, rngd, openntpd, sshd)
 under hooktest/linuxkit.
 """
 
@@ -228,7 +228,7 @@ def package_images(src: Path, tags: dict[str, list[str]], bins: dict[str, Path],
         images.append(Image(name=name, refs=plain + [f"{r}-amd64" for r in plain], rootfs=fs,
                             config=linuxkit_config(build_yml), arm64_refs=[f"{r}-arm64" for r in plain], **kw))
 
-    known = {"init", "runc", "containerd", "ca-certificates", "firmware", "sysctl", "sysfs", "modprobe",
+    known = {"init", "runc", "containerd", "ca-certificates", "sysctl", "sysfs", "modprobe",
              "dhcpcd", "getty", "rngd", "openntpd", "sshd"}
     unknown = sorted(set(tags) - known)
     if unknown:
@@ -274,12 +274,6 @@ def package_images(src: Path, tags: dict[str, list[str]], bins: dict[str, Path],
     fs.file("etc/ssl/certs/ca-certificates.crt",
             pyroot / jail_resolve(pyroot, "etc/ssl/certs/ca-certificates.crt"), mode=0o644)
     package("ca-certificates", fs)
-
-    # firmware: none (QEMU's virtio devices need none)
-    fs = Rootfs()
-    fs.file("lib/firmware/README.hooktest",
-            data="hooktest firmware: empty on purpose; QEMU's virtio devices need no firmware.\n")
-    package("firmware", fs)
 
     # sysctl, sysfs: LinuxKit's Go programs and config
     for name in ("sysctl", "sysfs"):

@@ -6,6 +6,7 @@ import collections
 import contextlib
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -29,6 +30,8 @@ INSTALL_HINTS: dict[str, str] = {
 }
 
 TAIL_LINES = 15
+#: A line of our own build scripts (in containers/) that says why they failed, in one line.
+STEP_ERROR = re.compile(r"hook: error: (.*)$")
 
 
 def mask(text: str, secrets: Iterable[str]) -> str:
@@ -178,6 +181,9 @@ def run(
             stop_process(proc)
             raise
     if rc != 0:
+        said = [found.group(1) for found in map(STEP_ERROR.search, lines) if found]
+        if said:  # the tool said what is wrong, in one line of ours: that is the failure
+            raise HookError(said[-1])
         last = " | ".join(x.strip() for x in tail if x.strip()) or "no output"
         hint = f"; try: {fix}" if fix else ""
         raise HookError(f"{name} failed (exit {rc}) after {time.monotonic() - started:.1f}s: {last}{hint}")

@@ -17,15 +17,17 @@ from tasks.hookos import build as linuxkit_build
 from tasks.hookos import config, embed
 from tasks.hookos.tool import linuxkit_for
 from tasks.images import engine
+from tasks.images.specs import KERNEL, read_record
 from tasks.settings import Settings
-from tasks.settings.builds import Build, linuxkit_dir
+from tasks.settings.builds import Build, image_record, linuxkit_dir
 
 
 def render_values(settings: Settings, refs: dict[str, str], arch: Arch) -> dict[str, str]:
-    """What the ${placeholders} of linuxkit/*.yaml stand for, for one arch."""
+    """What the ${placeholders} of linuxkit/*.yaml stand for, for one arch: our kernel image
+    (hook-kernel) unless the setting `kernel` names another."""
     return {
         "serial": arch.serial_console,
-        "kernel": settings.kernel,
+        "kernel": settings.kernel or refs.get(KERNEL, ""),
         "pkg_org": settings.pkg_org,
         "hook_docker": refs["hook-docker"],
         "hook_bootkit": refs["hook-bootkit"],
@@ -82,8 +84,51 @@ def os_inputs(settings: Settings, build: Build, arch: Arch) -> dict[str, object]
     return inputs
 
 
+def kernel_report(settings: Settings, build: Build, arch: Arch) -> dict | None:
+    """What our kernel image holds (its record's report: version, modules, firmware), or None for
+    a kernel of the user's (setting `kernel`)."""
+    if settings.kernel:
+        return None
+    data = read_record(image_record(settings, KERNEL, arch, local=build.local)) or {}
+    return data.get("report") if isinstance(data.get("report"), dict) else None
+
+
+def kernel_lines(settings: Settings, build: Build, arch: Arch) -> list[str]:
+    """The kernel section of the build's size report."""
+    report = kernel_report(settings, build, arch)
+    if report is None:
+        return [f"size report: kernel {settings.kernel} (the setting kernel: not ours, not inspected)"]
+    mb = 1e6
+    firmware = report.get("firmware", {})
+    lines = [
+        f"size report: kernel {report['version']} ({report.get('flavour', '?')}, {report.get('package') or 'built'}; "
+        f"config sha256 {report['config_sha256'][:16]}): {report['kernel_bytes'] / mb:.1f} MB, "
+        f"{'EFI stub' if report.get('efi_stub') else 'no EFI stub'}, "
+        f"{'signed (Secure Boot)' if report.get('signed') else 'not signed (no Secure Boot)'}",
+        f"size report: kernel modules: {report['modules']} ({report['modules_bytes'] / mb:.1f} MB), "
+        f"{report.get('builtin', 0)} drivers built in",
+        f"size report: kernel firmware: {len(firmware)} files ({report['firmware_bytes'] / mb:.1f} MB) from "
+        f"{', '.join(report.get('firmware_packages', [])) or 'no packages'}; "
+        f"{len(report.get('firmware_missing', []))} named by modules but in none of them",
+    ]
+    largest = sorted(firmware.items(), key=lambda item: -item[1])[:5]
+    if largest:
+        lines.append("size report: kernel firmware, largest: " +
+                     ", ".join(f"{name} {size / mb:.1f} MB" for name, size in largest))
+    return lines
+
+
+def _check_kernel(settings: Settings, build: Build, arch: Arch) -> None:
+    """Refuse, before linuxkit runs, an OS whose initramfs our kernel could not read."""
+    report = kernel_report(settings, build, arch)
+    if report and settings.compression == "zstd" and report.get("config", {}).get("RD_ZSTD") != "y":
+        raise HookError(f"compression=zstd, but kernel {report['version']} cannot read a zstd initramfs "
+                        "(CONFIG_RD_ZSTD is not y): set compression=gzip")
+
+
 def build_os(settings: Settings, build: Build, arch: Arch, refs: dict[str, str]) -> None:
     """Render the configs and run linuxkit build: LinuxKit's kernel and initrd of one build and arch."""
+    _check_kernel(settings, build, arch)
     folder = linuxkit_dir(settings, build, arch)
     configs = render_configs(settings, build, arch, refs)
     log_step(f"linuxkit build {build.name} {arch} ({'local images' if build.local else 'registry images'})")

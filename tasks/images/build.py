@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,6 +32,25 @@ def _resolved(spec: ImageSpec, settings: Settings, arch: Arch, files: Iterable[P
     return resolved, resolved.tag(spec, settings.root, files)
 
 
+def _report(spec: ImageSpec, settings: Settings, arch: Arch, args: dict[str, str], tag: str,
+            record: Path) -> dict[str, Any]:
+    """{"report": ...} for an image whose Dockerfile has a report target (the kernel): the JSON file
+    that target holds, built from BuildKit's cache right after the image (or kept from the record
+    of the same tag); {} for the others."""
+    if not spec.report:
+        return {}
+    old = read_record(record)
+    if old and old.get("tag") == tag and isinstance(old.get("report"), dict):
+        return {"report": old["report"]}
+    with tempfile.TemporaryDirectory(prefix=f".{spec.name}-report-", dir=record.parent) as folder:
+        docker.buildx_build(spec, settings, arch, None, args, push=False, target=spec.report, output_dir=Path(folder))
+        found = sorted(Path(folder).glob("*.json"))
+        if len(found) != 1:
+            raise HookError(f"the {spec.report} target of {spec.dockerfile(settings.root)} made {len(found)} JSON "
+                            "files, not one: fix the Dockerfile")
+        return {"report": json.loads(found[0].read_text())}
+
+
 def load_image(spec: ImageSpec, settings: Settings, arch: Arch, files: Iterable[Path], record: Path,
                resolver: BaseResolver) -> None:
     """Build one arch into the local engine (unless that tag is there already) and record it."""
@@ -49,8 +69,10 @@ def load_image(spec: ImageSpec, settings: Settings, arch: Arch, files: Iterable[
         raise HookError(
             f"{ref} is {image.architecture}, not {arch.docker}: remove it (docker rmi {ref}) and build again"
         )
+    record.parent.mkdir(parents=True, exist_ok=True)
+    report = _report(spec, settings, arch, resolved.args, tag, record)
     _record(record, {"ref": ref, "tag": tag, "id": image.id, "arch": arch.value, "platform": arch.docker_platform,
-                     "local": True, "bases": resolved.bases, "args": resolved.args})
+                     "local": True, "bases": resolved.bases, "args": resolved.args, **report})
 
 
 def push_image(spec: ImageSpec, settings: Settings, arch: Arch, files: Iterable[Path], record: Path,
@@ -66,9 +88,11 @@ def push_image(spec: ImageSpec, settings: Settings, arch: Arch, files: Iterable[
     manifest = docker.remote_manifest(ref)
     if manifest is None or manifest.config is None:
         raise HookError(f"{ref} was pushed but the registry does not show it; try: docker login {registry_of(ref)}")
+    record.parent.mkdir(parents=True, exist_ok=True)
+    report = _report(spec, settings, arch, resolved.args, tag, record)
     _record(record, {"ref": ref, "tag": tag, "config": manifest.config.digest, "arch": arch.value,
                      "layers": [layer.digest for layer in manifest.layers or []],
-                     "bases": resolved.bases, "args": resolved.args})
+                     "bases": resolved.bases, "args": resolved.args, **report})
 
 
 def create_index(spec: ImageSpec, settings: Settings, arch_records: dict[Arch, Path], record: Path) -> None:

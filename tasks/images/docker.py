@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tasks.core.arch import Arch
 from tasks.core.errors import HookError
 from tasks.core.refs import registry_of
-from tasks.core.run import log_step, timed
+from tasks.core.run import STEP_ERROR, log_step, timed
 from tasks.images.specs import CONTAINERS, ImageSpec
 
 if TYPE_CHECKING:
@@ -79,41 +80,55 @@ def docker_fix(message: str, registry: str) -> str:
     return "see the build output above"
 
 
-def _stream(lines: Iterator[str]) -> None:
+def _stream(lines: Iterator[str], errors: list[str]) -> None:
     for line in lines:
         print(f"  {line.rstrip()}", flush=True)
+        found = STEP_ERROR.search(line.rstrip())
+        if found:
+            errors.append(found.group(1))
 
 
-def buildx_build(spec: ImageSpec, settings: Settings, arch: Arch, ref: str, args: dict[str, str], *,
-                 push: bool) -> None:
-    """docker buildx build of one image for one arch, loaded into the local engine or pushed."""
+def buildx_build(spec: ImageSpec, settings: Settings, arch: Arch, ref: str | None, args: dict[str, str], *,
+                 push: bool, target: str | None = None, output_dir: Path | None = None,
+                 context: Path | None = None, dockerfile: Path | None = None) -> None:
+    """docker buildx build of one image for one arch: loaded into the local engine, pushed, or (with
+    output_dir) the files of `target` written into that folder. The context is containers/ and the
+    Dockerfile the spec's, unless given."""
     from python_on_whales.exceptions import DockerException
 
     docker = client(settings)
     secrets = [f"id=ca,src={settings.build_ca}"] if settings.build_ca else []
-    log_step(f"building {ref} for {arch.docker_platform} ({'push' if push else 'load'})")
+    what = f"{spec.name} --target {target}" if target else ref
+    how = "files" if output_dir else ("push" if push else "load")
+    log_step(f"building {what} for {arch.docker_platform} ({how})")
+    errors: list[str] = []
     with timed("docker buildx build"):
         try:
             _stream(
                 docker.buildx.build(
-                    settings.root / CONTAINERS,
-                    file=spec.dockerfile(settings.root),
+                    context or settings.root / CONTAINERS,
+                    file=dockerfile or spec.dockerfile(settings.root),
                     platforms=[arch.docker_platform],
-                    tags=[ref],
+                    tags=[ref] if ref else [],
                     build_args=args,
                     builder=settings.builder,
-                    load=not push,
+                    load=not push and output_dir is None,
                     push=push,
+                    target=target,
+                    output={"type": "local", "dest": str(output_dir)} if output_dir else {},
                     secrets=secrets,
                     progress="plain",
                     stream_logs=True,
-                )
+                ),
+                errors,
             )
         except DockerException as exc:
+            if errors:  # the step said what is wrong, in one line
+                raise HookError(f"{spec.name} ({arch}): {errors[-1]}") from None
             msg = last_line(exc)
-            fix = docker_fix(msg, registry_of(ref))
+            fix = docker_fix(msg, registry_of(ref or spec.name))
             raise HookError(
-                f"docker buildx build of {ref} failed (exit {exc.return_code}): {msg}; try: {fix}"
+                f"docker buildx build of {what} failed (exit {exc.return_code}): {msg}; try: {fix}"
             ) from None
 
 

@@ -11,7 +11,7 @@ from tasks.core.errors import HookError
 from tasks.core.run import log_step
 from tasks.images import engine
 from tasks.images.bases import BaseResolver, base_ref, dockerfile_bases
-from tasks.images.specs import IMAGES, ImageSpec, build_args, context_files, read_record
+from tasks.images.specs import ImageSpec, build_args, context_files, os_images, read_record
 from tasks.settings import Settings
 from tasks.settings.builds import Build, image_record
 
@@ -25,7 +25,7 @@ class ImagePlan:
 
 
 def plan_images(settings: Settings) -> dict[str, ImagePlan]:
-    return {spec.name: ImagePlan(spec, tuple(context_files(spec, settings.root))) for spec in IMAGES}
+    return {spec.name: ImagePlan(spec, tuple(context_files(spec, settings.root))) for spec in os_images(settings)}
 
 
 def image_records(settings: Settings, plans: dict[str, ImagePlan], build: Build, arch: Arch) -> dict[str, Path]:

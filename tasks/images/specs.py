@@ -23,30 +23,55 @@ _IGNORED = {"__pycache__", ".pytest_cache", ".ruff_cache"}
 
 @dataclass(frozen=True)
 class ImageSpec:
-    """One image we build: its directory under containers/ and the setting that picks its base."""
+    """One image we build: the folders under containers/ that go into it, its Dockerfile, and the
+    settings that override its build args."""
 
     name: str
-    base_setting: str
+    #: (build arg, the setting that overrides it; an empty setting keeps the Dockerfile's default)
+    args: tuple[tuple[str, str], ...]
+    #: folders under containers/ (default: its own and the programs' shared code, common/)
+    folders: tuple[str, ...] = ()
+    #: the Dockerfile, under containers/ (default: <name>/Dockerfile)
+    dockerfile_path: str = ""
+    #: whether the `build_args` setting applies (our programs' images)
+    extra_args: bool = True
+    #: a Dockerfile target whose one file, a JSON report, goes into the image's record
+    report: str = ""
+    #: how its image tasks make it: "buildx" (its Dockerfile), or "kernel-source" (tasks.kernel.source)
+    maker: str = "buildx"
 
-    def dirs(self, root: Path) -> tuple[Path, Path]:
-        """What goes into the image: its own directory and the shared code."""
-        return root / CONTAINERS / self.name, root / CONTAINERS / COMMON
+    def dirs(self, root: Path) -> tuple[Path, ...]:
+        """What goes into the image: its folders (by default its own and the shared code)."""
+        return tuple(root / CONTAINERS / f for f in (self.folders or (self.name, COMMON)))
 
     def dockerfile(self, root: Path) -> Path:
-        return root / CONTAINERS / self.name / "Dockerfile"
+        return root / CONTAINERS / (self.dockerfile_path or f"{self.name}/Dockerfile")
 
 
 IMAGES: tuple[ImageSpec, ...] = (
-    ImageSpec("hook-bootkit", "bootkit_base"),
-    ImageSpec("hook-docker", "docker_base"),
+    ImageSpec("hook-bootkit", (("BASE_IMAGE", "bootkit_base"), ("BUILD_IMAGE", "build_image"))),
+    ImageSpec("hook-docker", (("BASE_IMAGE", "docker_base"), ("BUILD_IMAGE", "build_image"))),
 )
+#: The kernel image per flavour (setting kernel_flavour), when the setting `kernel` names none of the user's.
+KERNELS: dict[str, ImageSpec] = {
+    "debian": ImageSpec("hook-kernel", (("BUILD_IMAGE", "debian_builder"), ("KERNEL_SUITE", "kernel_suite"),
+                                        ("KERNEL_VERSION", "kernel_version")),
+                        folders=("hook-kernel/debian", "hook-kernel/common"),
+                        dockerfile_path="hook-kernel/debian/Dockerfile", extra_args=False, report="report"),
+    # the Dockerfile is the builder's (its base is the kernel's too); KERNEL_SRC* and KERNEL_CONFIG are
+    # not build args of it: they are what the image is made from (tasks.kernel.source)
+    "source": ImageSpec("hook-kernel", (("BASE_IMAGE", "debian_builder"), ("KERNEL_SUITE", "kernel_suite"),
+                                        ("KERNEL_SRC", "kernel_src"), ("KERNEL_SRC_SHA256", "kernel_src_sha256"),
+                                        ("KERNEL_CONFIG", "kernel_config")),
+                        folders=("hook-kernel/source", "hook-kernel/common"),
+                        dockerfile_path="hook-kernel/source/Dockerfile", extra_args=False, maker="kernel-source"),
+}
+KERNEL = "hook-kernel"
 
 
-def image_spec(name: str) -> ImageSpec:
-    for spec in IMAGES:
-        if spec.name == name:
-            return spec
-    raise HookError(f"unknown image {name!r}: one of {', '.join(s.name for s in IMAGES)}")
+def os_images(settings: Settings) -> tuple[ImageSpec, ...]:
+    """The images the OS is made of: our programs, and our kernel unless `kernel` names another."""
+    return IMAGES + (() if settings.kernel else (KERNELS[settings.kernel_flavour],))
 
 
 def context_files(spec: ImageSpec, root: Path) -> list[Path]:
@@ -63,8 +88,9 @@ def context_files(spec: ImageSpec, root: Path) -> list[Path]:
 
 def build_args(spec: ImageSpec, settings: Settings, arch: Arch) -> dict[str, str]:
     """The build args for one arch: only what the settings override; '{arch}' becomes amd64/arm64."""
-    bases = {"BASE_IMAGE": getattr(settings, spec.base_setting), "BUILD_IMAGE": settings.build_image}
-    args = {**{k: v for k, v in bases.items() if v}, **settings.build_args}  # build_args may set KEY= (empty)
+    given = {arg: getattr(settings, setting) for arg, setting in spec.args}
+    extra = settings.build_args if spec.extra_args else {}
+    args = {**{k: v for k, v in given.items() if v}, **extra}  # build_args may set KEY= (empty)
     return {k: v.replace("{arch}", arch.docker) for k, v in args.items()}
 
 

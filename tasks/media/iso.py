@@ -47,15 +47,13 @@ from tasks.core.arch import Arch
 from tasks.core.errors import HookError
 from tasks.core.files import atomic_write_text
 from tasks.core.run import find_tool, log_step, timed
-from tasks.images import docker, engine
-from tasks.images.bases import dockerfile_bases, known_args, resolve_args
-from tasks.images.specs import ImageSpec, Resolved, content_hash, read_record
+from tasks.images import tools
+from tasks.images.specs import ImageSpec
 from tasks.media.package import sha512, update_checksums
 from tasks.settings.builds import boot_files
 from tasks.settings.cmdline import AREA_SIZE, canonical, decode, encode, expand, kernel_words
 
 if TYPE_CHECKING:
-    from tasks.images.bases import BaseResolver
     from tasks.settings import Settings
     from tasks.settings.builds import Build
 
@@ -258,77 +256,10 @@ def patch(path: Path, cmdline: str) -> Area:
 
 # --- the tool image (containers/hook-iso) ------------------------------------------------------------
 
-
-def tool_spec() -> ImageSpec:
-    """The ISO tools image. Not in images.specs.IMAGES: the OS does not depend on it."""
-    return ImageSpec(TOOL_IMAGE, "iso_base")
-
-
-def tool_files(root: Path) -> list[Path]:
-    """Every file that goes into the tool image: the `iso_tools` task's file_dep and hash input."""
-    folder = root / "containers" / TOOL_IMAGE
-    return sorted(p for p in folder.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
-
-
-def tool_record(settings: Settings) -> Path:
-    return settings.out / "images" / "tools" / f"{TOOL_IMAGE}.json"
-
-
-def _tool_bases(settings: Settings) -> tuple[dict[str, str], dict[str, str]]:
-    args = {"BASE_IMAGE": settings.iso_base} if settings.iso_base else {}
-    return args, dockerfile_bases((settings.root / "containers" / TOOL_IMAGE / "Dockerfile").read_text())
-
-
-def tool_known(settings: Settings, resolver: BaseResolver) -> Resolved | None:
-    """The tool image's build args and base identities from what is known without the network
-    (pinned, recorded in bases.json, or in the local engine); None when a lookup is needed."""
-    found = known_args(*_tool_bases(settings), resolver)
-    return Resolved(*found) if found else None
-
-
-def tool_is_current(settings: Settings, record: Path, resolver: BaseResolver) -> bool:
-    """doit's up-to-date check of `iso_tools`: the recorded image is in the engine and was built
-    from the same build args and base identities as now (its files are doit's file_dep)."""
-    data = read_record(record)
-    if data is None or engine.image_id(str(data.get("ref", ""))) != data.get("id"):
-        return False
-    now = tool_known(settings, resolver)
-    return now is not None and data.get("args") == now.args and data.get("bases") == now.bases
-
-
-def build_tool(settings: Settings, record: Path, resolver: BaseResolver) -> None:
-    """Build the ISO tools image for this machine (unless that tag is there) and record it."""
-    spec = tool_spec()
-    dockerfile = spec.dockerfile(settings.root)
-    if not dockerfile.is_file():
-        raise HookError(f"{dockerfile} is missing: restore it from git (git checkout -- containers)")
-    args, bases = _tool_bases(settings)
-    args, identities = resolve_args(args, bases, resolver)
-    resolver.save()
-    files = tool_files(settings.root)
-    tag = content_hash(spec, settings.root, files, {"args": args, "bases": identities})
-    ref = f"{TOOL_IMAGE}:{tag}"
-    client = docker.client(settings)
-    with timed("docker image inspect"):
-        exists = client.image.exists(ref)
-    if exists:
-        log_step(f"{ref} is in the local engine already: not rebuilt")
-    else:
-        docker.buildx_build(spec, settings, Arch.native(), ref, args, push=False)
-    image = client.image.inspect(ref)
-    versions = _docker_output(["run", "--rm", "--network", "none", "--entrypoint", "cat", ref,
-                               "/usr/share/hook-iso/versions"]).split("\n")
-    atomic_write_text(record, json.dumps({"ref": ref, "tag": tag, "id": image.id, "args": args, "bases": identities,
-                                          "versions": [v for v in versions if v]}, indent=2, sort_keys=True) + "\n")
-
-
-def _docker_output(args: list[str]) -> str:
-    docker = find_tool("docker")
-    done = subprocess.run([docker, *args], capture_output=True, text=True)
-    if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise HookError(f"docker {args[0]} failed (exit {done.returncode}): {last}")
-    return done.stdout.strip()
+#: The ISO tools image. Not one of the OS's images (images.specs.os_images): the OS does not depend on it.
+TOOLS = ImageSpec(TOOL_IMAGE, (("BASE_IMAGE", "iso_base"),), folders=(TOOL_IMAGE,), extra_args=False)
+#: What the tools image lists of its packages (its record keeps it).
+TOOL_VERSIONS = "/usr/share/hook-iso/versions"
 
 
 # --- making the ISO --------------------------------------------------------------------------------
@@ -449,19 +380,17 @@ def make_iso_file(*, tool_ref: str, kernel: Path, initrd: Path, arch: Arch, cmdl
 
 def make_iso(settings: Settings, build: Build, arch: Arch, record: Path) -> None:
     """`iso:<arch>` (and dist_iso, debug_iso): the ISO of one build and arch, and its checksum line."""
-    tool = read_record(tool_record(settings))
-    if tool is None or "ref" not in tool:
-        raise HookError(f"{tool_record(settings)} is missing: run `doit iso_tools` first")
+    tool_ref = tools.recorded_ref(settings, TOOLS, "iso_tools")
     kernel, initrd = boot_files(settings, build, arch)
     target = iso_path(settings, build, arch)
-    make_iso_file(tool_ref=tool["ref"], kernel=kernel, initrd=initrd, arch=arch,
+    make_iso_file(tool_ref=tool_ref, kernel=kernel, initrd=initrd, arch=arch,
                   cmdline=expand(settings.iso_cmdline, arch), target=target,
                   source_date_epoch=settings.source_date_epoch)
     digest = sha512(target)
     update_checksums(target.parent, {target.name: digest})
     stat = target.stat()
     atomic_write_text(record, json.dumps({"iso": target.name, "sha512": digest, "size": stat.st_size,
-                                          "mtime_ns": stat.st_mtime_ns, "tool": tool["ref"],
+                                          "mtime_ns": stat.st_mtime_ns, "tool": tool_ref,
                                           "config": iso_config(settings, arch)}, indent=2, sort_keys=True) + "\n")
 
 

@@ -26,6 +26,9 @@ LINUXKIT_VERSION = "v1.8.2"
 DEFAULT_LINUXKIT_URL = f"https://github.com/linuxkit/linuxkit/releases/download/{LINUXKIT_VERSION}"
 _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 COMPRESSIONS = ("gzip", "zstd")
+KERNEL_FLAVOURS = ("debian", "source")
+_SUITE = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
+_KERNEL_VERSION = re.compile(r"^[0-9][0-9A-Za-z.+~]*(-[0-9A-Za-z.+~]+)*$")
 
 
 @dataclass(frozen=True)
@@ -46,7 +49,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("arches", "", "comma list of x86_64,aarch64 (dist: both; dev_dist/debug_image: this machine's)"),
     Setting("version", "", "version in the tarball names (default: short git sha, plus -dirty on a dirty tree)"),
     Setting("source_date_epoch", "", "mtime of tarball entries (default: SOURCE_DATE_EPOCH, else the last commit)"),
-    Setting("kernel", "linuxkit/kernel:6.6.71", "kernel image for hook.yaml"),
+    Setting("kernel", "", "the kernel: empty builds ours (hook-kernel, kernel_flavour); or any LinuxKit kernel image"),
+    Setting("kernel_flavour", "debian", "our kernel: debian (Debian's signed kernel package and firmware) or source"),
+    Setting("kernel_suite", "bookworm", "debian flavour: the Debian suite (bookworm, bookworm-backports, trixie)"),
+    Setting("kernel_version", "", "debian flavour: the kernel ABI name (6.1.0-57); empty: the suite's newest"),
+    Setting("debian_builder", "", "the Debian image (with apt) our kernel is made in; empty: debian:bookworm-slim"),
+    Setting("kernel_src", "", "source flavour: a kernel source tarball, a URL (with kernel_src_sha256) or a file"),
+    Setting("kernel_src_sha256", "", "source flavour: the sha256 the tarball must have (needed for a URL)"),
+    Setting("kernel_config", "", "source flavour: the kernel config (empty: hook-kernel/source/config-<arch>)"),
     Setting("pkg_org", "linuxkit", "where the LinuxKit packages (init, runc, containerd, ...) are pulled from"),
     Setting("linuxkit", "linuxkit", "linuxkit v1.8.2: a path, or a name on PATH; not found: hook downloads it"),
     Setting("linuxkit_url", "", "where hook downloads linuxkit-linux-<arch> from (default: LinuxKit's v1.8.2 release)"),
@@ -97,6 +107,13 @@ class Settings:
     iso_base: str = ""
     #: `SOURCE` or `SOURCE NAME` per embedded image (tasks.settings.embed_list parses and validates them)
     embed_images: tuple[str, ...] = ()
+    kernel_flavour: str = "debian"
+    kernel_suite: str = "bookworm"
+    kernel_version: str = ""
+    debian_builder: str = ""
+    kernel_src: str = ""
+    kernel_src_sha256: str = ""
+    kernel_config: str = ""
     root: Path = ROOT
 
     @property
@@ -113,6 +130,12 @@ def default_cache_dir() -> Path:
     xdg = os.environ.get("XDG_CACHE_HOME", "")
     base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache"
     return base / "hook"
+
+
+def _path(text: str, root: Path) -> Path:
+    """A path setting: ~ expanded, relative to the project."""
+    path = Path(text).expanduser()
+    return path if path.is_absolute() else root / path
 
 
 def _git(root: Path, *args: str) -> str | None:
@@ -221,6 +244,31 @@ def load_settings(
     except HookError as exc:
         raise HookError(f"setting iso_cmdline: {exc}") from None
 
+    kernel, kernel_version, debian_builder = get("kernel"), get("kernel_version"), get("debian_builder")
+    kernel_flavour = get("kernel_flavour")
+    if kernel_flavour not in KERNEL_FLAVOURS:
+        raise HookError(f"setting kernel_flavour={kernel_flavour!r} is not one of {', '.join(KERNEL_FLAVOURS)}")
+    kernel_src, kernel_config = get("kernel_src"), get("kernel_config")
+    kernel_src_sha256 = get("kernel_src_sha256").lower()
+    if kernel_src_sha256 and not re.fullmatch(r"[0-9a-f]{64}", kernel_src_sha256):
+        raise HookError(f"setting kernel_src_sha256={kernel_src_sha256!r} is not 64 hex digits (sha256sum prints them)")
+    remote = kernel_src.startswith(("http://", "https://"))
+    if kernel_src and not remote:
+        kernel_src = str(_path(kernel_src, root))
+        if not Path(kernel_src).is_file():
+            raise HookError(f"setting kernel_src={get('kernel_src')!r}: no such file (a source tarball or a URL)")
+    if kernel_flavour == "source" and not kernel:
+        if not kernel_src:
+            raise HookError("kernel_flavour=source needs kernel_src=: a kernel source tarball (a kernel.org URL with "
+                            "kernel_src_sha256=, or a file such as Debian's linux-source-6.1)")
+        if remote and not kernel_src_sha256:
+            raise HookError(f"setting kernel_src={kernel_src} is a URL: give its sha256 too (kernel_src_sha256=; "
+                            "kernel.org publishes sha256sums.asc)")
+    if kernel_config:
+        kernel_config = str(_path(kernel_config, root))
+        if not Path(kernel_config).is_file():
+            raise HookError(f"setting kernel_config={get('kernel_config')!r}: no such file")
+
     bases = {}
     for name in ("bootkit_base", "docker_base", "build_image"):
         value = get(name)
@@ -231,7 +279,15 @@ def load_settings(
         arches=arches,
         version=version,
         source_date_epoch=epoch,
-        kernel=_check("kernel", get("kernel"), REF, "an image reference such as linuxkit/kernel:6.6.71"),
+        kernel=_check("kernel", kernel, REF, "an image reference such as linuxkit/kernel:6.6.71") if kernel else "",
+        kernel_flavour=kernel_flavour,
+        kernel_suite=_check("kernel_suite", get("kernel_suite"), _SUITE, "a Debian suite such as bookworm"),
+        kernel_version=_check("kernel_version", kernel_version, _KERNEL_VERSION,
+                              "a Debian kernel ABI name such as 6.1.0-57") if kernel_version else "",
+        debian_builder=_check("debian_builder", debian_builder, REF, "an image reference") if debian_builder else "",
+        kernel_src=kernel_src,
+        kernel_src_sha256=kernel_src_sha256,
+        kernel_config=kernel_config,
         pkg_org=_check("pkg_org", get("pkg_org"), ORG, "a registry/org such as linuxkit"),
         linuxkit=get("linuxkit") or "linuxkit",
         linuxkit_url=get("linuxkit_url") or DEFAULT_LINUXKIT_URL,
