@@ -261,12 +261,12 @@ def task_boot():
     """Boot a build under QEMU: doit boot [--build dev] [--cmdline ...] [--registry 127.0.0.1:5000] [--expect TEXT]."""
 
     def boot(build: str, arch: str, cmdline: str, memory: int, accel: str, expect: str, timeout: float,
-             registry: str, ssh: int, net: str, smp: int):
+             registry: str, ssh: int, net: str, smp: int, netboot: bool, uefi: bool):
         try:
             chosen = get_build(build)
             boot_build(S, chosen, Arch.parse(arch) if arch else chosen.arches(S)[0], cmdline=cmdline,
                                 memory_mb=memory, accel=accel, expect=expect, timeout=timeout, registry=registry,
-                                ssh_port=ssh, net=net, smp=smp)
+                                ssh_port=ssh, net=net, smp=smp, netboot=netboot, uefi=uefi)
         except HookError as exc:
             return TaskFailed(str(exc))
         return None
@@ -287,6 +287,11 @@ def task_boot():
              "help": "user (QEMU user net, restrict=on: only the forwards) or none (no NIC)"},
             {"name": "memory", "long": "memory", "type": int, "default": 2048, "help": "MiB of guest memory"},
             {"name": "smp", "long": "smp", "type": int, "default": 2, "help": "guest CPUs"},
+            {"name": "netboot", "long": "netboot", "type": bool, "default": False,
+             "help": "boot as Smee does: iPXE (an e1000e's ROM) fetches the kernel and initramfs over HTTP from "
+                     "127.0.0.1 with Smee's parameters; console ttyS1 (the firmware and iPXE: a ttyS0 file)"},
+            {"name": "uefi", "long": "uefi", "type": bool, "default": False,
+             "help": "with --netboot: UEFI (OVMF) instead of BIOS (SeaBIOS)"},
             {"name": "accel", "long": "accel", "default": "auto", "help": "auto, tcg or kvm"},
             {"name": "expect", "long": "expect", "default": "",
              "help": "wait for this text on the console, then stop (default: interactive)"},

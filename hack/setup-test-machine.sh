@@ -22,6 +22,17 @@ if ((${#need_pkgs[@]})); then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends -t bookworm "${need_pkgs[@]}" >/dev/null
 fi
 
+# chrony: a real NTP server for the network tests (in a network namespace, never this machine's clock):
+# installed with its service held back (policy-rc.d), so no chronyd starts here.
+if ! dpkg -s chrony >/dev/null 2>&1; then
+  log "apt: chrony (its service is not started)"
+  printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+  chmod +x /usr/sbin/policy-rc.d
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends -t bookworm chrony >/dev/null || {
+    rm -f /usr/sbin/policy-rc.d; exit 1; }
+  rm -f /usr/sbin/policy-rc.d
+fi
+
 if ! dpkg -s docker-buildx >/dev/null 2>&1 || ! dpkg -s golang-1.24-go >/dev/null 2>&1; then
   log "apt: docker-buildx and golang-1.24-go from trixie (pinned low: nothing else comes from trixie)"
   uri=$(awk '/^URIs:/{print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)

@@ -174,7 +174,9 @@ def test_os(docker_engine: None) -> dict:
         linuxkit_binary()
     except RuntimeError as exc:
         pytest.fail(str(exc))
-    for ref in (manifest["tink_worker"], manifest["python_slim"].format(arch="amd64"),
+    if "tink_agent" not in manifest:
+        pytest.fail("the test OS predates the tink-agent stand-in: run hack/test-os.py")
+    for ref in (manifest["tink_worker"], manifest["tink_agent"], manifest["python_slim"].format(arch="amd64"),
                 manifest["docker_base"].format(arch="amd64")):
         if subprocess.run(["docker", "image", "inspect", ref], capture_output=True).returncode:
             pytest.fail(f"test OS image {ref} missing: run hack/test-os.py")
@@ -216,16 +218,19 @@ def debug_project(tmp_path_factory: pytest.TempPathFactory, test_os: dict, ssh_k
 
 @pytest.fixture
 def worker_registry(registry_factory: Callable[..., Registry], test_os: dict, tmp_path: Path) -> Registry:
-    """A registry with htpasswd auth holding the test tink-worker as hooktest/tink-worker:test."""
+    """A registry with htpasswd auth holding the test tink-worker as hooktest/tink-worker:test and the
+    tink-agent stand-in as hooktest/tink-agent:test."""
     reg = registry_factory(username=REGISTRY_USER, password=REGISTRY_PASSWORD)
     push_worker(reg, test_os, tmp_path / "docker-config")
     return reg
 
 
 def push_worker(reg: Registry, test_os: dict, config: Path) -> str:
+    """Push the two stand-ins; the tink-worker's reference in that registry."""
     reg.login(config)
-    ref = f"{reg.addr}/hooktest/tink-worker:test"
     env = {**os.environ, "DOCKER_CONFIG": str(config)}
-    subprocess.run(["docker", "tag", test_os["tink_worker"], ref], check=True, capture_output=True)
-    subprocess.run(["docker", "push", ref], check=True, capture_output=True, env=env)
+    for name in ("tink_agent", "tink_worker"):
+        ref = f"{reg.addr}/hooktest/{name.replace('_', '-')}:test"
+        subprocess.run(["docker", "tag", test_os[name], ref], check=True, capture_output=True)
+        subprocess.run(["docker", "push", ref], check=True, capture_output=True, env=env)
     return ref

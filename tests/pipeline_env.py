@@ -131,7 +131,7 @@ def project_settings() -> dict[str, str]:
         "HOOK_DOCKER_BASE": manifest["docker_base"],
         "HOOK_BUILD_IMAGE": manifest["build_image"],
         "HOOK_BUILD_CA": CA_BUNDLE,
-        "HOOK_BUILD_ARGS": "PYTHON_APK=",  # the Debian test bases have python3 already: no apk step
+        "HOOK_BUILD_ARGS": "APK_PACKAGES=",  # the Debian test bases have python3 already: no apk step
     }
 
 
@@ -162,7 +162,7 @@ def linuxkit_package_refs(pkg_org: str) -> list[str]:
     from tasks.hookos import config as linuxkit
 
     values = {"serial": "ttyS0", "kernel": "x/hook-kernel:x", "pkg_org": pkg_org, "hook_docker": "x/hook-docker:x",
-              "hook_bootkit": "x/hook-bootkit:x"}
+              "hook_bootkit": "x/hook-bootkit:x", "hook_events": "x/hook-events:x"}
     refs: list[str] = []
     for name in ("hook.yaml", "debug.yaml"):
         config = linuxkit.parse(linuxkit.render(ROOT / "linuxkit" / name, values), name)

@@ -40,9 +40,10 @@ hook_bootkit = programs_helpers.program("hook_bootkit")
 USER = "tinkuser"
 PASSWORD = "tink=s3cret pw"  # '=' and a space: the cmdline must quote it, the parser keep it whole
 WORKER = "tink-worker"
-BINDS = ["/worker:/worker", "/var/run/docker.sock:/var/run/docker.sock", "/dev:/dev"]
+# On the machine here the host's /run is /run (in the OS: /host_root/run, hook-docker's view of it)
+BINDS = ["/worker:/worker", "/var/run/docker.sock:/var/run/docker.sock", "/dev:/dev", "/run:/run"]
 TEST_CAPS = ("--test-only-capabilities", "NET_ADMIN,SYS_ADMIN")
-FAST = ("--backoff-initial", "0.2", "--backoff-max", "0.5", "--running-check", "1")
+FAST = ("--backoff-initial", "0.2", "--backoff-max", "0.5", "--running-check", "1", "--host-run", "/run")
 SLEEPER = "hook-test/tink-worker:sleeps"
 CRASHER = "hook-test/tink-worker:crashes"
 BOOTKIT_IMAGE = "hook-test/hook-bootkit:session"
@@ -50,6 +51,12 @@ TEST_BUILD_ARGS = {"BASE_IMAGE": "local/python-base:amd64", "BUILD_IMAGE": "loca
 
 
 # --- pure functions --------------------------------------------------------------------------
+
+def test_tink_worker_gets_the_hosts_run_as_hook_docker_sees_it() -> None:
+    """In the OS, dockerd runs in hook-docker, which has the host's / at /host_root: the host's /run
+    (udev's database, for tink-agent) is /host_root/run there."""
+    assert hook_bootkit.parse_args([]).host_run == "/host_root/run"
+
 
 def test_worker_image_choice() -> None:
     assert hook_bootkit.worker_image(HookConfig(docker_registry="reg:5000")) == "reg:5000/tink-worker:latest"

@@ -36,6 +36,7 @@ from tests.test_boot import (
     BOOT_TIMEOUT,
     MARKER,
     MEMORY_MB,
+    SMP,
     WORKER_IMAGE,
     in_service,
     packaged,
@@ -351,7 +352,7 @@ def embedded_boot_files(dev_project: Project, test_os: dict, tmp_path_factory: p
 
 
 def _guest(files: tuple[Path, Path], log: Path, nics: list[qemu.Nic]) -> qemu.Guest:
-    return qemu.Guest(*files, arch=ARCH, cmdline=tinkerbell_cmdline(), memory_mb=MEMORY_MB, accel="tcg", smp=2,
+    return qemu.Guest(*files, arch=ARCH, cmdline=tinkerbell_cmdline(), memory_mb=MEMORY_MB, accel="tcg", smp=SMP,
                       nics=nics, extra=["-device", "virtio-rng-pci"], log=log, milestone_patterns=qemu.HOOK_MILESTONES)
 
 

@@ -43,7 +43,7 @@ hook_docker = programs_helpers.program("hook_docker")
 PASSWORD = "dind=s3cret pw"
 HOOK_DOCKER_IMAGE = "hook-test/hook-docker:session"
 TEST_BUILD_ARGS = {"BASE_IMAGE": "local/python-base:amd64", "BUILD_IMAGE": "local/python-base:amd64",
-                   "PYTHON_APK": ""}
+                   "APK_PACKAGES": ""}
 # --no-network: the host's network is not ours to set up (tests/test_network.py runs that part in
 # network namespaces of its own)
 FAST = ["--backoff-initial", "0.2", "--backoff-max", "1", "--reboot-poll", "0.2", "--stop-timeout", "15",
@@ -336,7 +336,7 @@ def test_dockerfile_final_stage_has_no_run_and_real_defaults() -> None:
     assert not re.search(r"^RUN ", stages[-1], flags=re.M)
     assert re.search(r"^ARG BASE_IMAGE=docker:\d+\.\d+\.\d+-dind$", text, flags=re.M)
     assert re.search(r"^ARG BUILD_IMAGE=python:3\.\d+-alpine3\.\d+$", text, flags=re.M)
-    assert re.search(r"^ARG PYTHON_APK=python3$", text, flags=re.M)
+    assert re.search(r'^ARG APK_PACKAGES="python3 kexec-tools"$', text, flags=re.M)
     assert text.count("--mount=type=secret,id=ca") == 2
 
 

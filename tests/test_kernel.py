@@ -296,7 +296,7 @@ def test_shipped_source_configs_keep_what_the_os_needs(tmp_path: Path, test_os: 
     assert config.read_bytes() == before
     builder = json.loads(project.out("images/tools/hook-kernel-builder.json").read_text())["ref"]
     script = ("set -e; mkdir -p /b && tar -xf /src/linux.tar -C /b --strip-components=1 && cd /b; "
-              "for a in x86_64:: arm64:aarch64-linux-gnu-; do k=${a%%:*}; c=${a#*:}; o=$k; "
+              "for a in x86_64: arm64:aarch64-linux-gnu-; do k=${a%%:*}; c=${a#*:}; o=$k; "
               "[ $k = arm64 ] && o=aarch64; cp /cfg/config-$o .config; "
               "make -s ARCH=$k CROSS_COMPILE=$c olddefconfig; cp .config /out/full-$o; done")
     out = tmp_path / "full"

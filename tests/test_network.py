@@ -59,6 +59,7 @@ from tests.test_boot import (
     BOOT_TIMEOUT,
     MARKER,
     MEMORY_MB,
+    SMP,
     in_service,
     packaged,
     report,
@@ -266,8 +267,12 @@ def test_keys_are_tried_in_order_and_bad_ones_say_what_comes_next() -> None:
     assert asked[1].problem.line(then_text(asked[2:])) == (
         "vlan_id= VLAN id '4095' is not a number from 1 to 4094: use the VLAN's id (0 and 4095 are reserved by "
         "802.1Q); trying interface= instead")
-    # hw_addr= is read with vlan_id=; vlan_id= alone means eth0 (Hook latest)
-    assert asked_for(HookConfig.from_text("vlan_id=7"))[0].plan == Vlan(7, None)
+    # hw_addr= is read with vlan_id=; vlan_id= alone names no NIC (Hook latest since 2025: no eth0 guess)
+    alone = asked_for(HookConfig.from_text("vlan_id=7"))[0]
+    assert alone.plan is None and str(alone.problem) == ("vlan_id= 7 names no NIC: hw_addr= is not given: give "
+                                                         "hw_addr=<the NIC's MAC> too (Smee's iPXE script gives both)")
+    assert asked_for(HookConfig.from_text("vlan_id=7 hw_addr=52:54:00:12:34:56"))[0].plan == \
+        Vlan(7, "52:54:00:12:34:56")
     bad_hw = asked_for(HookConfig.from_text("vlan_id=7 hw_addr=52:54:00:12:34"))[0].problem
     assert bad_hw is not None and bad_hw.line(FALLBACK).startswith("hw_addr= MAC address '52:54:00:12:34' is not 6")
     bad_if = asked_for(HookConfig.from_text('"interface=eth 1"'))[0].problem
@@ -375,6 +380,16 @@ class Lab:
                         f"opt router {subnet}.1\nopt lease 3600\n" + (f"opt dns {dns}\n" if dns else "") + extra)
         self.spawn(["ip", "netns", "exec", self.far, str(BUSYBOX), "udhcpd", "-f", str(conf)],
                    self.tmp / f"udhcpd-{far}.log")
+
+    def ntp_server(self, address: str) -> None:
+        """chrony on the far side at `address`: a real NTP server (its own clock, stratum 8; -x: it
+        never sets the machine's clock)."""
+        if not shutil.which("chronyd"):
+            pytest.fail("no chronyd: run hack/setup-test-machine.sh (Debian's chrony)")
+        conf = self.tmp / "chrony.conf"
+        conf.write_text(f"local stratum 8\nallow all\nbindaddress {address}\ncmdport 0\n"
+                        f"driftfile {self.tmp / 'chrony.drift'}\npidfile {self.tmp / 'chronyd.pid'}\n")
+        self.spawn(["ip", "netns", "exec", self.far, "chronyd", "-d", "-x", "-f", str(conf)], self.tmp / "chrony.log")
 
     def capture(self, far: str) -> Path:
         out = self.tmp / f"{far}.pcap"
@@ -579,12 +594,59 @@ def test_bad_values_each_one_line_then_the_dhcp_fallback(lab: Lab) -> None:
     assert hd.stop() == 0
 
 
+def test_dhcp_static_routes_host_name_ntp_and_the_clock(lab: Lab) -> None:
+    """A lease with classless static routes (option 121: its default route, not the router option's),
+    a host name and an NTP server; chrony answers there: the clock is set from it before dockerd."""
+    lab.link("eth0", "far0")
+    lab.dhcp_server("far0", "10.9.0", extra="opt staticroutes 10.99.0.0/16 10.9.0.254, 0.0.0.0/0 10.9.0.2\n"
+                                             "opt ntpsrv 10.9.0.1\nopt hostname lab-machine-7\n")
+    lab.ntp_server("10.9.0.1")
+    hd = HookDockerInNs(lab, "console=ttyS0 docker_registry=10.9.0.1:5000")
+    out = hd.wait_for("STAND-IN-DOCKERD started")
+    routes = sh("ip", "route", ns=lab.host)
+    assert re.search(r"^10\.99\.0\.0/16 via 10\.9\.0\.254 dev eth0", routes, re.M), routes
+    assert re.search(r"^default via 10\.9\.0\.2 dev eth0", routes, re.M), routes  # option 121's, not 10.9.0.1
+    assert "via 10.9.0.1" not in routes
+    assert "classless static routes 10.99.0.0/16 via 10.9.0.254, 0.0.0.0/0 via 10.9.0.2" in out
+    assert hd.hostname() == "lab-machine-7"
+    clock = re.search(r"clock: set from 10\.9\.0\.1 \(stratum \d+, DHCP servers\)", out)
+    assert clock and out.index(clock.group(0)) < out.index("STAND-IN-DOCKERD started"), out
+    assert re.search(r"^hook-docker: INFO clock: set from 10\.9\.0\.1 .*: it was [+-]\d+\.\d+s off$",
+                     hd.console.read_text(), re.M)
+    assert hd.stop() == 0
+
+
+def test_no_ntp_answer_is_one_line_and_dockerd_starts(lab: Lab) -> None:
+    """NTP names a server that does not answer: one console line, the clock as it was, dockerd starts."""
+    lab.link("eth0", "far0")
+    lab.dhcp_server("far0", "10.9.0", extra="opt ntpsrv 10.9.0.77\n")
+    hd = HookDockerInNs(lab, "console=ttyS0", "--ntp-timeout", "1")
+    out = hd.wait_for("STAND-IN-DOCKERD started")
+    assert before(out, "clock: no NTP answer (10.9.0.77 (10.9.0.77): no answer within 1s)", "STAND-IN-DOCKERD"), out
+    assert "TLS fails if it is far off" in hd.console.read_text()
+    assert hd.stop() == 0
+
+
+def test_vlan_id_without_hw_addr_makes_no_vlan(lab: Lab) -> None:
+    """vlan_id= alone: no VLAN on a guessed NIC (there is no eth0 to count on with udev's names): one
+    line that says to give hw_addr= too, then DHCP on every e* NIC, untagged."""
+    lab.link("eth0", "far0", mac="52:54:00:aa:bb:01")
+    lab.dhcp_server("far0", "10.9.0")
+    hd = HookDockerInNs(lab, "vlan_id=100")
+    hd.wait_for("eth0 leased")
+    console = hd.console.read_text()
+    assert ("hook-docker: ERROR network: vlan_id= 100 names no NIC: hw_addr= is not given: give hw_addr=<the NIC's "
+            "MAC> too (Smee's iPXE script gives both); " + FALLBACK) in console, console
+    assert "eth0.100" not in sh("ip", "link", ns=lab.host)
+    assert hd.stop() == 0
+
+
 def test_ipam_mac_of_no_interface_and_vlan_without_kernel_support(lab: Lab) -> None:
     """Runtime failures fall back too: ipam= with a MAC no NIC has; vlan_id= on a kernel without
     802.1Q (this host's: the line says so; with 8021q the VLAN is made and DHCP runs on it)."""
     lab.link("eth0", "far0", mac="52:54:00:aa:bb:01")
     lab.dhcp_server("far0", "10.9.0")
-    hd = HookDockerInNs(lab, "ipam=52-54-00-aa-bb-09::10.9.0.15:24::h:10.9.0.53 vlan_id=100")
+    hd = HookDockerInNs(lab, "ipam=52-54-00-aa-bb-09::10.9.0.15:24::h:10.9.0.53 vlan_id=100 hw_addr=52:54:00:aa:bb:01")
     hd.wait_for("STAND-IN-DOCKERD started")
     console = hd.console.read_text()
     assert ("hook-docker: ERROR network: ipam= MAC address (field 1) '52-54-00-aa-bb-09' is on no interface after 2s "
@@ -671,7 +733,7 @@ def boot_files(dev_project: Project, tmp_path_factory: pytest.TempPathFactory) -
 
 def net_guest(files: tuple[Path, Path], log: Path, cmdline: str, nics: list[qemu.Nic]) -> qemu.Guest:
     kernel, initrd = files
-    return qemu.Guest(kernel, initrd, arch=ARCH, cmdline=cmdline, memory_mb=MEMORY_MB, accel="tcg", smp=2,
+    return qemu.Guest(kernel, initrd, arch=ARCH, cmdline=cmdline, memory_mb=MEMORY_MB, accel="tcg", smp=SMP,
                       nics=nics, extra=["-device", "virtio-rng-pci"], log=log, milestone_patterns=NET_MILESTONES)
 
 

@@ -11,7 +11,8 @@ from tasks.hookos import config as linuxkit
 
 ROOT = Path(__file__).resolve().parent.parent
 VALUES = {"serial": "ttyS0", "kernel": "linuxkit/kernel:6.6.71", "pkg_org": "linuxkit",
-          "hook_docker": "quay.io/tinkerbell/hook-docker:abc", "hook_bootkit": "quay.io/tinkerbell/hook-bootkit:abc"}
+          "hook_docker": "quay.io/tinkerbell/hook-docker:abc", "hook_bootkit": "quay.io/tinkerbell/hook-bootkit:abc",
+          "hook_events": "quay.io/tinkerbell/hook-events:abc"}
 
 
 @pytest.mark.parametrize("name", ["hook.yaml", "debug.yaml"])
@@ -33,8 +34,9 @@ def test_hook_yaml_runs_our_images_with_what_they_need() -> None:
     # hook-docker sets the network up (ipam=, vlan_id=, interface=, else DHCP): no dhcpcd anywhere,
     # and the host's UTS namespace for ipam='s host name
     assert docker["uts"] == "host"
-    # ... and the console its lines go to (HOOK_CONSOLE): the devices cgroup must allow c 5:1
-    assert {"path": "/dev/console", "type": "c", "major": 5, "minor": 1, "mode": "0600"} in docker["devices"]
+    # every block and char device (disks, loop, device-mapper, the console its lines go to), as upstream
+    assert docker["devices"] == [{"path": "all", "type": "b"}, {"path": "all", "type": "c"}]
+    assert "/:/host_root" in docker["binds"]  # bootkit binds /host_root/run into tink-worker
     assert not [e["name"] for e in config["onboot"] + config["services"] if "dhcp" in e["name"] + e["image"]]
     assert any(m["type"] == "cgroup" and "rw" in m["options"] for m in docker["mounts"])
     for bind in ("/dev:/dev", "/lib/modules:/lib/modules", "/etc/resolv.conf:/etc/resolv.conf",
@@ -51,6 +53,13 @@ def test_hook_yaml_runs_our_images_with_what_they_need() -> None:
     assert "env" not in bootkit and "env" not in docker  # LinuxKit's env: would replace the images' PATH
     assert "capabilities" not in bootkit
     assert all(ref.startswith("linuxkit/") or ref.startswith("quay.io/") for ref in linuxkit.images_of(config))
+    # udev: the coldplug onboot, then the service, both with the host's /run (the database)
+    onboot = {e["name"]: e for e in config["onboot"]}
+    assert onboot["udev"]["image"] == services["udevd"]["image"] == VALUES["hook_events"]
+    assert "/run:/run" in onboot["udev"]["binds"] and "/run:/run" in services["udevd"]["binds"]
+    assert [e["name"] for e in config["onboot"]].index("udev") > [e["name"] for e in config["onboot"]].index("modprobe")
+    assert "cdc_ncm" in onboot["modprobe"]["command"]
+    assert services["acpid"]["pid"] == "host"  # its handler signals the OS's init
 
 
 def test_yaml_12_booleans_stay_strings() -> None:
@@ -69,7 +78,7 @@ def test_unknown_key_names_file_and_key(tmp_path: Path) -> None:
                                                                             "    nett: host\n    pid: host")
     with pytest.raises(HookError) as err:
         linuxkit.parse(text, "linuxkit/hook.yaml")
-    assert "linuxkit/hook.yaml: services[3]:" in str(err.value)
+    assert "linuxkit/hook.yaml: services[5]:" in str(err.value)  # hook-docker, after getty, rngd, ntpd, udevd, acpid
     assert "'nett' was unexpected" in str(err.value)
 
 

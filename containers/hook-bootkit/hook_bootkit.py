@@ -2,7 +2,8 @@
 
 Waits for the docker engine, pulls the tink-worker image (with the registry credentials when the
 image lives on docker_registry), replaces any old 'tink-worker' container with a new one
-(privileged, host network, /worker, the docker socket and /dev bound in) and checks that it runs.
+(privileged, host network, /worker, the docker socket, /dev and the host's /run bound in) and checks
+that it runs.
 Every failure is logged with its reason and retried with capped backoff.
 """
 
@@ -32,8 +33,12 @@ from hookcommon.retry import Backoff, GaveUp, StepError, Stopping, StopSignal, a
 PROGRAM = "hook-bootkit"
 CONTAINER_NAME = "tink-worker"
 DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
-#: Host paths (as the docker engine sees them) bound into tink-worker at the same place.
+#: Paths (as the docker engine sees them, in hook-docker's mount namespace) bound into tink-worker at
+#: the same place: /worker, the docker socket, /dev. And the host's /run (--host-run: hook-docker has
+#: the host's / at /host_root) as /run, with udev's database (/run/udev), which tink-agent's hardware
+#: detection (ghw) reads.
 WORKER_BINDS = ("/worker:/worker", "/var/run/docker.sock:/var/run/docker.sock", "/dev:/dev")
+HOST_RUN = "/host_root/run"
 METADATA_PORT = 50061
 EXIT_CONFIG = 2
 EXIT_GAVE_UP = 1
@@ -125,6 +130,7 @@ class Options:
     metadata_attempts: int
     running_check: float
     test_only_capabilities: tuple[str, ...] | None
+    host_run: str = HOST_RUN
 
 
 class Bootkit:
@@ -270,7 +276,8 @@ class Bootkit:
         assert self.client is not None
         caps = self.options.test_only_capabilities
         extra: dict[str, Any] = {"privileged": True} if caps is None else {"cap_add": list(caps) or None}
-        return self.client.api.create_host_config(binds=list(WORKER_BINDS), network_mode="host", **extra)
+        binds = [*WORKER_BINDS, f"{self.options.host_run}:/run"]
+        return self.client.api.create_host_config(binds=binds, network_mode="host", **extra)
 
     def start_worker(self, container_uuid: str | None) -> str:
         """Replace the tink-worker container and check that the new one keeps running."""
@@ -331,6 +338,9 @@ def parse_args(argv: Sequence[str] | None) -> Options:
                              "(default: %(default)s)")
     parser.add_argument("--running-check", type=float, default=3.0, metavar="SECONDS",
                         help="how long tink-worker must keep running after its start (default: %(default)s)")
+    parser.add_argument("--host-run", default=HOST_RUN, metavar="PATH",
+                        help="the host's /run as the docker engine sees it, bound into tink-worker as /run "
+                             "(udev's database; default: %(default)s)")
     parser.add_argument("--test-only-capabilities", metavar="CAP,CAP", default=None,
                         help="TEST ONLY, never in production: run tink-worker unprivileged with these "
                              "capabilities (may be empty) instead of --privileged, for machines that "
@@ -345,7 +355,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         cmdline_file=args.cmdline_file, docker_host=args.docker_host, docker_timeout=args.docker_timeout,
         attempts=args.attempts, backoff=backoff_from(args, parser),
         metadata_attempts=args.metadata_attempts, running_check=args.running_check,
-        test_only_capabilities=caps,
+        test_only_capabilities=caps, host_run=args.host_run,
     )
 
 

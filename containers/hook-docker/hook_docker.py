@@ -32,6 +32,8 @@ from typing import Any
 
 import requests
 from hookcommon import http
+from hookcommon.clock import DEFAULT_SERVERS as DEFAULT_NTP_SERVERS
+from hookcommon.clock import set_once
 from hookcommon.cmdline import DEFAULT_CMDLINE_FILE, KEYS, HookConfig, load_config, registry_host, syslog_address
 from hookcommon.log import reason, setup_logging
 from hookcommon.network import Network, NetworkOptions
@@ -189,6 +191,9 @@ class Options:
     # the network set-up from the cmdline (hookcommon/network.py); None: leave the network alone
     network: NetworkOptions | None = None
     network_wait: float = 30.0
+    # the clock, set once from NTP before dockerd (hookcommon/clock.py): servers from DHCP or ipam=, else these
+    ntp_servers: tuple[str, ...] = DEFAULT_NTP_SERVERS
+    ntp_timeout: float = 3.0
     # embedded images (docs/embedded.md): archives loaded before the docker socket appears
     embedded_dir: Path = Path("/usr/share/hook/embedded")
     docker_socket: Path = Path("/var/run/docker.sock")
@@ -224,6 +229,7 @@ class HookDocker:
                          daemon=True).start()
         self.start_embedded()
         self.wait_for_network()
+        self.set_clock()
         self.supervise()
 
     def _stoppable(self, target: Callable[[], None]) -> None:
@@ -245,6 +251,17 @@ class HookDocker:
         """dockerd waits for an address, but at most --network-wait seconds (then it starts anyway)."""
         if self.network is not None:
             self.network.wait_ready(self.options.network_wait)
+
+    def set_clock(self) -> None:
+        """Once, before dockerd (pulls speak TLS): the clock from the NTP servers the network named, else
+        --ntp-server's; a failure is a console line, not fatal."""
+        if self.options.ntp_timeout <= 0:
+            log.info("clock: not set from NTP (--ntp-timeout 0)")
+            return
+        servers, origin = self.network.ntp_servers() if self.network is not None else ([], "")
+        if not servers:
+            servers, origin = list(self.options.ntp_servers), "default"
+        set_once(servers, timeout=self.options.ntp_timeout, log=log, origin=origin)
 
     def _ours(self, pid: int) -> bool:
         """A child that its owner here waits for (dockerd, a DHCP client): not for the reaper."""
@@ -572,15 +589,22 @@ def add_network_options(parser: argparse.ArgumentParser) -> None:
                           "(default: %(default)s)")
     net.add_argument("--resolv-conf", type=Path, default=Path("/etc/resolv.conf"), metavar="PATH",
                      help="written in place from ipam= or the DHCP leases (default: %(default)s)")
+    net.add_argument("--ntp-server", action="append", default=None, metavar="NAME",
+                     help="NTP server to set the clock from when neither DHCP nor ipam= names one (repeatable; "
+                          f"default: {', '.join(DEFAULT_NTP_SERVERS)})")
+    net.add_argument("--ntp-timeout", type=float, default=3.0, metavar="SECONDS",
+                     help="how long each NTP server may take to answer; 0: do not set the clock (default: "
+                          "%(default)s)")
 
 
 def network_options_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any]:
-    if args.network_wait < 0 or args.link_wait < 0:
-        parser.error("--network-wait and --link-wait must be >= 0")
+    if args.network_wait < 0 or args.link_wait < 0 or args.ntp_timeout < 0:
+        parser.error("--network-wait, --link-wait and --ntp-timeout must be >= 0")
+    clock = {"ntp_servers": tuple(args.ntp_server or DEFAULT_NTP_SERVERS), "ntp_timeout": args.ntp_timeout}
     if args.no_network:
-        return {"network": None}
+        return {"network": None, **clock}
     return {"network": NetworkOptions(resolv_conf=args.resolv_conf, link_wait=args.link_wait),
-            "network_wait": args.network_wait}
+            "network_wait": args.network_wait, **clock}
 
 
 def add_embedded_options(parser: argparse.ArgumentParser) -> None:

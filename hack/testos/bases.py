@@ -129,12 +129,14 @@ def python_slim(pyroot: Path) -> Rootfs:
 
 
 def docker_base(slim: Rootfs, x: dict[str, Path], libs: Libraries, busybox: Path, applets: list[str]) -> Rootfs:
-    """python-slim + Debian's docker.io 20.10, containerd, runc, tini, iptables (nft) and busybox."""
+    """python-slim + Debian's docker.io 20.10, containerd, runc, tini, iptables (nft), kexec-tools
+    (kexec actions; the shipped hook-docker adds Alpine's kexec-tools) and busybox."""
     fs = Rootfs(base=slim)
     dio, ctd, runc, ipt = x["docker.io"], x["containerd"], x["runc"], x["iptables"]
     elves = [dio / "usr/sbin/dockerd", dio / "usr/bin/docker", dio / "usr/sbin/docker-proxy",
              ctd / "usr/bin/containerd", ctd / "usr/bin/containerd-shim-runc-v2", runc / "usr/sbin/runc",
-             ipt / "usr/sbin/xtables-nft-multi", x["tini"] / "usr/bin/tini-static"]
+             ipt / "usr/sbin/xtables-nft-multi", x["tini"] / "usr/bin/tini-static", x["kexec-tools"] / "sbin/kexec"]
+    fs.file("sbin/kexec", elves[8], mode=0o755)
     fs.file("usr/sbin/dockerd", elves[0], mode=0o755)
     fs.file("usr/bin/docker", elves[1], mode=0o755)
     fs.file("usr/sbin/docker-proxy", elves[2], mode=0o755)

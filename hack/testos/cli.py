@@ -30,7 +30,7 @@ from .linuxkit_pkgs import (
     package_tags,
     programs,
 )
-from .workloads import ACTION, TINK_WORKER, workload_images
+from .workloads import ACTION, TINK_AGENT, TINK_WORKER, workload_images
 
 DEFAULT_PROJECT = HACK.parent
 DEFAULT_CACHE = "/var/cache/hook-test"
@@ -81,8 +81,9 @@ class TestOs:
         busybox = x["busybox-static"] / "bin" / "busybox"
         applets = busybox_applets(busybox, self.work, self.digests)
         images = package_images(src, tags, bins, x, libs, busybox, applets, pyroot)
-        images += base_images(pyroot, x, libs, busybox, applets)
-        images += workload_images(busybox, applets)
+        bases = base_images(pyroot, x, libs, busybox, applets)
+        images += bases
+        images += workload_images(busybox, applets, bases[0])
         return images
 
     # 5. the manifest
@@ -98,6 +99,7 @@ class TestOs:
             "docker_base": DOCKER_BASE,
             "build_image": BUILD_IMAGE,
             "tink_worker": TINK_WORKER,
+            "tink_agent": TINK_AGENT,
             "action": ACTION,
             "linuxkit_src": str(src),
             "packages": {k: v[0] if len(v) == 1 else v for k, v in sorted(packages.items())},

@@ -22,7 +22,10 @@ DEBS = [
     "busybox-static", "libc6", "containerd", "runc", "docker.io", "tini", "iptables", "libip4tc2",
     "libip6tc2", "libxtables12", "libnftnl11", "libnetfilter-conntrack3", "libnfnetlink0", "libmnl0",
     "libseccomp2", "libdevmapper1.02.1", "kmod", "libkmod2", "openssh-server", "openssh-client",
-    "libwrap0", "dhcpcd-base",
+    "libwrap0", "dhcpcd-base", "kexec-tools",
+    # kexec-tools links libxenctrl (libxenmisc4.17) and what that links
+    "libxenmisc4.17", "libxencall1", "libxendevicemodel1", "libxenevtchn1", "libxenforeignmemory1",
+    "libxengnttab1", "libxenhypfs1", "libxenstore4", "libxentoollog1", "libxentoolcore1", "libyajl2",
 ]
 
 

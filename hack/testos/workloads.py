@@ -1,25 +1,35 @@
-"""The two tiny images of the boot tests: a stand-in tink-worker and an "action", each busybox and
-a script from hack/test-os/.
+"""The images of the boot tests: a stand-in tink-worker (python-slim and hack/test-os/tink-worker.py:
+the docker API over the socket, as tink-worker runs actions), a stand-in tink-agent (python-slim and
+hack/test-os/tink-agent.py: it checks tink-agent's contract with Hook) and an "action" (busybox and
+hack/test-os/action.sh).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from .common import ASSETS, scratch_busybox
+from .common import ASSETS, Rootfs, scratch_busybox
 from .engine import Image
 
 TINK_WORKER = "hooktest/tink-worker:test"
+TINK_AGENT = "hooktest/tink-agent:test"
 ACTION = "hooktest/action:test"
 
 
-def workload_images(busybox: Path, applets: list[str]) -> list[Image]:
-    """hooktest/tink-worker:test and hooktest/action:test (amd64 only)."""
-    images: list[Image] = []
-    for ref, script in ((TINK_WORKER, "tink-worker.sh"), (ACTION, "action.sh")):
-        fs = scratch_busybox(busybox, applets)
-        fs.dir("tmp", 0o1777)
-        fs.file(f"usr/bin/{script}", ASSETS / script, mode=0o755)
-        images.append(Image(name=ref.split("/")[-1].split(":")[0], refs=[ref], rootfs=fs,
-                            cmd=[f"/usr/bin/{script}"]))
-    return images
+def workload_images(busybox: Path, applets: list[str], python: Image) -> list[Image]:
+    """hooktest/tink-worker:test, hooktest/tink-agent:test (FROM python-slim) and hooktest/action:test
+    (amd64 only)."""
+    worker = Rootfs(base=python.rootfs)
+    worker.dir("tmp", 0o1777)
+    worker.file("usr/bin/tink-worker.py", ASSETS / "tink-worker.py", mode=0o755)
+    agent = Rootfs(base=python.rootfs)
+    agent.dir("tmp", 0o1777)
+    agent.file("usr/bin/tink-agent.py", ASSETS / "tink-agent.py", mode=0o755)
+    action = scratch_busybox(busybox, applets)
+    action.dir("tmp", 0o1777)
+    action.file("usr/bin/action.sh", ASSETS / "action.sh", mode=0o755)
+    return [Image(name="tink-worker", refs=[TINK_WORKER], rootfs=worker, base=python,
+                  cmd=["/usr/bin/python3", "-u", "/usr/bin/tink-worker.py"]),
+            Image(name="tink-agent", refs=[TINK_AGENT], rootfs=agent, base=python,
+                  cmd=["/usr/bin/python3", "-u", "/usr/bin/tink-agent.py"]),
+            Image(name="action", refs=[ACTION], rootfs=action, cmd=["/usr/bin/action.sh"])]

@@ -56,6 +56,9 @@ RELAY = Path(__file__).resolve().parent / "relay.py"
 GUEST_SERVICE_IP = "10.0.2.100"
 
 #: Boot stages of the Hook OS that show on the serial console, in order: (name, regex).
+#: What Linux prints when a vCPU stopped getting timer interrupts (seen under TCG with -smp 2 on a
+#: loaded host: the TSCs of the vCPUs drift apart and a halted vCPU is never woken): waiting on is useless.
+STALL = "rcu: INFO: rcu_preempt detected stalls"
 HOOK_MILESTONES: tuple[tuple[str, str], ...] = (
     ("kernel", r"Linux version \d"),
     ("/init runs (initramfs unpacked)", r"Run /init as init process"),
@@ -92,12 +95,22 @@ class Nic:
     mac: str | None = None
     pcap: Path | None = None
     model: str = "virtio-net-pci"
+    #: netboot: QEMU's DHCP names `bootfile` in the `tftp` folder (an iPXE script), the NIC's option
+    #: ROM (iPXE) boots first
+    tftp: Path | None = None
+    bootfile: str = ""
+    romfile: str = ""
+    bootindex: int | None = None
 
     def args(self, index: int) -> list[str]:
         netdev = [f"user,id=net{index},restrict=on"]
+        if self.tftp is not None:
+            netdev += [f"tftp={self.tftp}", f"bootfile={self.bootfile}"]
         netdev += [f.qemu() for f in self.forwards]
         netdev += [f"hostfwd=tcp:127.0.0.1:{host}-:{guest}" for host, guest in self.hostfwd]
         device = f"{self.model},netdev=net{index}" + (f",mac={self.mac}" if self.mac else "")
+        device += (f",romfile={self.romfile}" if self.romfile else "")
+        device += (f",bootindex={self.bootindex}" if self.bootindex is not None else "")
         argv = ["-netdev", ",".join(netdev), "-device", device]
         if self.pcap is not None:
             argv += ["-object", f"filter-dump,id=dump{index},netdev=net{index},file={self.pcap}"]
@@ -195,8 +208,14 @@ def qemu_argv(
     smp: int = 1,
     nics: Sequence[Nic] | None = None,
     extra: Sequence[str] = (),
+    serial0: Path | None = None,
+    serial1: Path | None = None,
 ) -> list[str]:
     """The qemu command line. nics=None: QEMU's default NIC is disabled too (`-nic none`).
+
+    serial0: the first serial port (ttyS0) goes to that file, and the second (ttyS1, Smee's console)
+    is the console read here; the firmware's and iPXE's lines are in the file. serial1: the console
+    read here is the first port, the second (ttyS1) goes to that file.
 
     kernel=None: no -kernel/-initrd/-append; the firmware boots what `extra` gives it (-cdrom, -drive,
     -bios for OVMF), and the boot loader on that medium makes the kernel's command line.
@@ -213,6 +232,12 @@ def qemu_argv(
         "-nographic",
         "-no-reboot",
     ]  # fmt: skip
+    if serial0 is not None and serial1 is not None:
+        raise ValueError("serial0 and serial1: one of the two serial ports is the console")
+    if serial0 is not None:
+        argv += ["-serial", f"file:{serial0}", "-serial", "mon:stdio"]
+    if serial1 is not None:
+        argv += ["-serial", "mon:stdio", "-serial", f"file:{serial1}"]
     if kernel is not None:
         argv += ["-kernel", os.fspath(kernel)]
         argv += ["-initrd", os.fspath(initrd)] if initrd is not None else []
@@ -263,6 +288,15 @@ def _tail(text: str, n: int = TAIL_LINES) -> str:
     return " | ".join(lines[-n:]) or "(no console output)"
 
 
+def _file_text(path: Path | None) -> str:
+    if path is None:
+        return ""
+    try:
+        return _text(path.read_bytes())
+    except OSError:
+        return ""
+
+
 def _text(raw: bytes) -> str:
     return raw.decode("utf-8", "replace").replace("\r\n", "\n").replace("\r", "")
 
@@ -308,13 +342,20 @@ class Guest:
         echo: bool = False,
         milestone_patterns: Sequence[tuple[str, str]] = (),
         announce: bool = True,
+        serial0: Path | None = None,
+        serial1: Path | None = None,
     ) -> None:
         _check_inputs(kernel, initrd, memory_mb)
         self.arch = arch
         self.accel = pick_accel(accel, arch)
         qemu = find_tool(arch.qemu_binary)
         self.argv = qemu_argv(qemu, kernel, initrd, arch=arch, cmdline=cmdline, memory_mb=memory_mb,
-                              accel=self.accel, smp=smp, nics=nics, extra=extra)
+                              accel=self.accel, smp=smp, nics=nics, extra=extra, serial0=serial0,
+                              serial1=serial1)
+        #: the first serial port's file (the firmware, iPXE), when the console is the second one
+        self.serial0 = serial0
+        #: the second serial port's file, when the console is the first one
+        self.serial1 = serial1
         self.log = Path(log) if log is not None else None
         #: masked in what we log (the kernel still prints its own command line on the console)
         self.secrets = cmdline_secrets(cmdline)
@@ -422,6 +463,16 @@ class Guest:
         with self._cond:
             return _text(bytes(self._raw))
 
+    @property
+    def firmware_console(self) -> str:
+        """What the first serial port showed (serial0=): SeaBIOS or OVMF, iPXE."""
+        return _file_text(self.serial0)
+
+    @property
+    def second_serial(self) -> str:
+        """What the second serial port showed (serial1=)."""
+        return _file_text(self.serial1)
+
     def mark(self) -> int:
         """A position in the console: wait_for(..., since=mark) looks only at what came after it."""
         with self._cond:
@@ -431,16 +482,22 @@ class Guest:
         """Wait until pattern (text or regex) shows on the console; HookError on timeout or power-off."""
         rx = pattern if isinstance(pattern, re.Pattern) else re.compile(re.escape(pattern))
         deadline = time.monotonic() + timeout
+        what = rx.pattern if isinstance(pattern, re.Pattern) else pattern
         with self._cond:
             while True:
-                found = rx.search(_text(bytes(self._raw[since:])))
+                text = _text(bytes(self._raw[since:]))
+                found = rx.search(text)
                 if found:
                     return found
+                if STALL in text:
+                    raise HookError(f"no {what!r} on the console: the guest's kernel stalled after {self.elapsed:.1f}s "
+                                    f"({STALL!r}: its vCPUs stopped getting timer interrupts, a QEMU/host problem, "
+                                    "not the OS's; boot again, or with one vCPU (--smp 1) under TCG)"
+                                    + (f" (console log: {self.log})" if self.log else ""))
                 left = deadline - time.monotonic()
                 if self._eof or left <= 0:
                     break
                 self._cond.wait(min(left, 1.0))
-        what = rx.pattern if isinstance(pattern, re.Pattern) else pattern
         why = (f"the guest stopped (qemu exit {self.returncode}) after {self.elapsed:.1f}s" if self._eof
                else f"not within {timeout:g}s")
         raise HookError(f"no {what!r} on the console: {why}; last lines: {_tail(self.console)}"
@@ -492,6 +549,15 @@ class Guest:
         except HookError:
             raise gone() from None
         return ShellResult(command, found.group(1), int(found.group(2)))
+
+    def monitor(self, command: str) -> None:
+        """Give QEMU's monitor a command (e.g. system_powerdown: the ACPI power button): Ctrl-A C to the
+        monitor, the command, Ctrl-A C back to the console (-nographic's mux)."""
+        self.write(b"\x01c")
+        time.sleep(0.5)
+        self.write(command.encode() + b"\n")
+        time.sleep(0.5)
+        self.write(b"\x01c")
 
     def wait_exit(self, timeout: float) -> int:
         """Wait for QEMU to exit (the guest powered off or rebooted under -no-reboot)."""

@@ -31,6 +31,7 @@ def render_values(settings: Settings, refs: dict[str, str], arch: Arch) -> dict[
         "pkg_org": settings.pkg_org,
         "hook_docker": refs["hook-docker"],
         "hook_bootkit": refs["hook-bootkit"],
+        "hook_events": refs["hook-events"],
     }
 
 
@@ -55,7 +56,7 @@ def render_configs(settings: Settings, build: Build, arch: Arch, refs: dict[str,
 
 def package_refs(settings: Settings, build: Build, arch: Arch) -> list[str]:
     """The LinuxKit images (kernel, init, services) a build's configs name, other than ours."""
-    values = render_values(settings, {"hook-docker": "", "hook-bootkit": ""}, arch)
+    values = render_values(settings, {"hook-docker": "", "hook-bootkit": "", "hook-events": ""}, arch)
     refs: list[str] = []
     for name in build.templates:
         template = settings.root / "linuxkit" / name
@@ -104,7 +105,7 @@ def kernel_lines(settings: Settings, build: Build, arch: Arch) -> list[str]:
         f"size report: kernel {report['version']} ({report.get('flavour', '?')}, {report.get('package') or 'built'}; "
         f"config sha256 {report['config_sha256'][:16]}): {report['kernel_bytes'] / mb:.1f} MB, "
         f"{'EFI stub' if report.get('efi_stub') else 'no EFI stub'}, "
-        f"{'signed (Secure Boot)' if report.get('signed') else 'not signed (no Secure Boot)'}",
+        f"{'signed (Secure Boot)' if report.get('signed') else 'not signed: it will not boot with Secure Boot on'}",
         f"size report: kernel modules: {report['modules']} ({report['modules_bytes'] / mb:.1f} MB), "
         f"{report.get('builtin', 0)} drivers built in",
         f"size report: kernel firmware: {len(firmware)} files ({report['firmware_bytes'] / mb:.1f} MB) from "

@@ -51,6 +51,8 @@ class ImageSpec:
 IMAGES: tuple[ImageSpec, ...] = (
     ImageSpec("hook-bootkit", (("BASE_IMAGE", "bootkit_base"), ("BUILD_IMAGE", "build_image"))),
     ImageSpec("hook-docker", (("BASE_IMAGE", "docker_base"), ("BUILD_IMAGE", "build_image"))),
+    # Debian's udev and acpid, unpacked for the target arch in a Debian build stage (no emulation)
+    ImageSpec("hook-events", (("BUILD_IMAGE", "debian_builder"),), folders=("hook-events",), extra_args=False),
 )
 #: The kernel image per flavour (setting kernel_flavour), when the setting `kernel` names none of the user's.
 KERNELS: dict[str, ImageSpec] = {

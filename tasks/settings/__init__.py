@@ -53,7 +53,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("kernel_flavour", "debian", "our kernel: debian (Debian's signed kernel package and firmware) or source"),
     Setting("kernel_suite", "bookworm", "debian flavour: the Debian suite (bookworm, bookworm-backports, trixie)"),
     Setting("kernel_version", "", "debian flavour: the kernel ABI name (6.1.0-57); empty: the suite's newest"),
-    Setting("debian_builder", "", "the Debian image (with apt) our kernel is made in; empty: debian:bookworm-slim"),
+    Setting("debian_builder", "", "the Debian image (with apt) our kernel and hook-events are made in; empty: "
+            "debian:bookworm-slim"),
     Setting("kernel_src", "", "source flavour: a kernel source tarball, a URL (with kernel_src_sha256) or a file"),
     Setting("kernel_src_sha256", "", "source flavour: the sha256 the tarball must have (needed for a URL)"),
     Setting("kernel_config", "", "source flavour: the kernel config (empty: hook-kernel/source/config-<arch>)"),
@@ -71,8 +72,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("build_image", "", "BUILD_IMAGE build arg (build-platform python+pip stage); empty: Dockerfile's"),
     Setting("build_args", "", "more build args for every image: KEY=VALUE,KEY=VALUE ({arch} expanded)"),
     Setting("build_ca", "", "CA bundle passed to image builds as secret 'ca' (for pip behind a TLS proxy)"),
-    Setting("iso_cmdline", "console=tty0 console={serial}",
-            "the ISO's built-in kernel cmdline (Tinkerbell keys; {serial} = ttyS0/ttyAMA0); patchable later"),
+    Setting("iso_cmdline", "{consoles}",
+            "the ISO's built-in kernel cmdline (Tinkerbell keys; {consoles} = nothing with iso_smee=true, Smee gives "
+            "them, else 'console=tty0 console={serial}'; {serial} = ttyS0/ttyAMA0); patchable later"),
+    Setting("iso_smee", "true", "the ISO carries Tinkerbell's placeholder that Smee patches as it serves it: "
+            "true or false"),
     Setting("iso_base", "", "hook-iso (ISO tools) BASE_IMAGE build arg, a Debian with apt; empty: Dockerfile's"),
     Setting("embed_images", "", "images in hook-docker's engine at boot: comma list of 'IMAGE [NAME]', or @FILE "
             "(one a line); local builds take them from the engine, dist from the registry (docs/embedded.md)"),
@@ -103,8 +107,9 @@ class Settings:
     build_image: str
     build_args: Mapping[str, str] = field(default_factory=dict)
     build_ca: Path | None = None
-    iso_cmdline: str = "console=tty0 console={serial}"
+    iso_cmdline: str = "{consoles}"
     iso_base: str = ""
+    iso_smee: bool = True
     #: `SOURCE` or `SOURCE NAME` per embedded image (tasks.settings.embed_list parses and validates them)
     embed_images: tuple[str, ...] = ()
     kernel_flavour: str = "debian"
@@ -164,6 +169,14 @@ def _parse_build_args(text: str) -> dict[str, str]:
             raise HookError(f"setting build_args: {item!r} is not KEY=VALUE; write build_args=KEY=VALUE,KEY2=VALUE2")
         args[key] = value
     return args
+
+
+def _bool(name: str, value: str) -> bool:
+    if value.lower() in ("true", "yes", "1", "on"):
+        return True
+    if value.lower() in ("false", "no", "0", "off"):
+        return False
+    raise HookError(f"setting {name}={value!r} is not true or false")
 
 
 def _check(name: str, value: str, pattern: re.Pattern[str], what: str) -> str:
@@ -301,6 +314,7 @@ def load_settings(
         build_ca=build_ca,
         iso_cmdline=iso_cmdline,
         iso_base=_check("iso_base", iso_base, REF, "an image reference") if iso_base else "",
+        iso_smee=_bool("iso_smee", get("iso_smee")),
         embed_images=parse_embed_images(get("embed_images"), root),
         root=root,
         **bases,

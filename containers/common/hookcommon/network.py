@@ -4,10 +4,16 @@ before it starts dockerd). Hook latest's keys, with Hook latest's meaning:
 - `ipam=<mac>:<vlan-id>:<ip>:<netmask>:<gateway>:<hostname>:<dns,...>:<search,...>:<ntp,...>`:
   a static address on the NIC with that MAC (hyphen-separated), on `<nic>.<vlan-id>` when the
   vlan field is set; the default route, /etc/resolv.conf and the host name follow it. No DHCP.
-- `vlan_id=<1-4094>` (+ `hw_addr=<mac>`, default NIC eth0): DHCP only on `<nic>.<vlan_id>`.
+- `vlan_id=<1-4094>` + `hw_addr=<mac>`: DHCP only on `<nic>.<vlan_id>` of the NIC with that MAC.
+  Without `hw_addr=` no VLAN is made (Hook latest's rule since 2025: with predictable NIC names
+  there is no eth0 to guess); that is a bad value like any other (below).
 - `interface=<name>`: DHCP only on that interface.
 - none of them: DHCP on every interface whose name starts with "e" (Hook latest's dhcpcd
-  `--allowinterfaces e*`) that has no IPv4 address yet.
+  `--allowinterfaces e*`: udev's predictable names en*, and eth*) that has no IPv4 address yet.
+
+A lease's classless static routes (option 121, RFC 3442: the router option is then ignored), its
+host name (set unless ipam= named one) and its NTP servers (hookcommon.clock) are used too.
+IPv6 is the kernel's own SLAAC on every interface that is up (router advertisements); no DHCPv6.
 
 Rule for a bad value: the keys are tried in that order (ipam=, vlan_id=, interface=). A value
 that is malformed, or that names no interface, is one line (key, the bad part, the fix) on the
@@ -222,10 +228,10 @@ def parse_ipam(value: str) -> Ipam:
 
 @dataclass(frozen=True)
 class Vlan:
-    """vlan_id= (+ hw_addr=): DHCP only on the VLAN interface of that NIC."""
+    """vlan_id= + hw_addr=: DHCP only on the VLAN interface of that NIC."""
 
     vlan: int
-    mac: str | None  # None: the NIC is eth0 (Hook latest's default)
+    mac: str
 
 
 @dataclass(frozen=True)
@@ -262,8 +268,10 @@ def asked_for(cfg: HookConfig) -> list[Asked]:
     if cfg.vlan_id.strip():
         def vlan() -> Vlan:
             vid = parse_vlan_id(cfg.vlan_id.strip(), key="vlan_id")
-            mac = parse_mac(cfg.hw_addr.strip(), key="hw_addr") if cfg.hw_addr.strip() else None
-            return Vlan(vid, mac)
+            if not cfg.hw_addr.strip():
+                raise NetworkProblem("vlan_id", f"{vid} names no NIC: hw_addr= is not given",
+                                     "give hw_addr=<the NIC's MAC> too (Smee's iPXE script gives both)")
+            return Vlan(vid, parse_mac(cfg.hw_addr.strip(), key="hw_addr"))
         add("vlan_id", vlan)
     if cfg.interface.strip():
         add("interface", lambda: OnlyInterface(parse_interface(cfg.interface.strip(), key="interface")))
@@ -305,6 +313,10 @@ class Lease:
     mtu: int | None = None
     server: str = ""
     seconds: str = ""
+    #: option 121 (RFC 3442): (destination, gateway); given, the router option is ignored
+    routes: tuple[tuple[ipaddress.IPv4Network, ipaddress.IPv4Address], ...] = ()
+    ntp: tuple[str, ...] = ()
+    hostname: str = ""
 
 
 def parse_event(line: str) -> tuple[str, dict[str, str]] | None:
@@ -327,8 +339,20 @@ def lease_from(values: dict[str, str]) -> Lease:
     search = values.get("search", "").split() or values.get("domain", "").split()
     mtu_text = values.get("mtu", "")
     mtu = int(mtu_text) if mtu_text.isdigit() and 576 <= int(mtu_text) <= 65535 else None
+    words = values.get("staticroutes", "").split()
+    routes = []
+    for destination, gateway in zip(words[0::2], words[1::2], strict=False):
+        with contextlib.suppress(ValueError):
+            routes.append((ipaddress.IPv4Network(destination, strict=False), ipaddress.IPv4Address(gateway)))
+    ntp = tuple(t for t in values.get("ntpsrv", "").split() if _is_ipv4(t))
+    hostname = values.get("hostname", "").strip()
+    try:
+        hostname = parse_hostname(hostname, key="dhcp") if hostname else ""
+    except NetworkProblem:
+        hostname = ""  # a name the kernel would refuse is not used
     return Lease(address=address, routers=tuple(routers), dns=tuple(dns), search=tuple(search), mtu=mtu,
-                 server=values.get("serverid", ""), seconds=values.get("lease", ""))
+                 server=values.get("serverid", ""), seconds=values.get("lease", ""), routes=tuple(routes), ntp=ntp,
+                 hostname=hostname)
 
 
 def _is_ipv4(text: str) -> bool:
@@ -375,6 +399,8 @@ class _State:
     leases: dict[str, Lease] = field(default_factory=dict)
     announced: dict[str, ipaddress.IPv4Interface] = field(default_factory=dict)
     failures: dict[str, int] = field(default_factory=dict)
+    #: the host name a lease set (the first one that named one)
+    hostname: str = ""
 
 
 class Network:
@@ -393,6 +419,7 @@ class Network:
         self._clients_lock = threading.Lock()
         self._state = _State()
         self._state_lock = threading.Lock()
+        self._ipam: Ipam | None = None
         self._bound = threading.Event()
         stop.on_stop(lambda signum: self.stop_clients())
 
@@ -524,10 +551,7 @@ class Network:
         if isinstance(plan, Ipam):
             self._static(plan)
         elif isinstance(plan, Vlan):
-            nic = (self.wait_for_mac(plan.mac, key="hw_addr", what="MAC address", shown=self.cfg.hw_addr.strip())
-                   if plan.mac else
-                   self.wait_for_name("eth0", key="vlan_id", what="NIC (without hw_addr= it is eth0)",
-                                      fix="give hw_addr=<the NIC's MAC>"))
+            nic = self.wait_for_mac(plan.mac, key="hw_addr", what="MAC address", shown=self.cfg.hw_addr.strip())
             try:
                 name = self.add_vlan(nic, plan.vlan, key="vlan_id")
             except CommandFailed as exc:
@@ -561,11 +585,9 @@ class Network:
                 raise
             raise NetworkProblem("ipam", f"cannot configure {name}: {exc}", "see the log") from None
         self._write_resolv_conf(f"ipam= (static, {name})", [str(s) for s in ipam.dns], list(ipam.search))
+        self._ipam = ipam
         if ipam.hostname:
             self._set_hostname(ipam.hostname, "ipam=")
-        if ipam.ntp:
-            self.log.info("network: ipam= NTP servers %s noted; the OS's NTP service has its own configuration",
-                          ", ".join(map(str, ipam.ntp)))
         on = f"{name} (VLAN {ipam.vlan} on {nic})" if ipam.vlan is not None else name
         gateway = f", gateway {ipam.gateway}" if ipam.gateway else ", no gateway"
         self.say(logging.INFO, f"ipam=: static {ipam.address.with_prefixlen} on {on} {ipam.mac}{gateway}, "
@@ -667,10 +689,11 @@ class Network:
         client.thread.start()
 
     def udhcpc_command(self, name: str) -> list[str]:
-        # foreground, our script; 3 discovers 3 s apart, then a pause of 10 s, for ever; ask for MTU
-        # and the domain search list too
+        # foreground, our script; 3 discovers 3 s apart, then a pause of 10 s, for ever; ask for MTU,
+        # the domain search list, classless static routes (option 121), NTP servers, the host name
         return [*self.options.udhcpc, "-f", "-i", name, "-s", str(self.options.dhcp_script),
-                "-t", "3", "-T", "3", "-A", "10", "-O", "mtu", "-O", "search"]
+                "-t", "3", "-T", "3", "-A", "10", "-O", "mtu", "-O", "search", "-O", "staticroutes",
+                "-O", "ntpsrv", "-O", "hostname"]
 
     def _supervise(self, client: _Client) -> None:
         command = self.udhcpc_command(client.ifname)
@@ -759,13 +782,19 @@ class Network:
             brd = ["broadcast", str(net.broadcast_address)] if net.prefixlen <= 30 else []
             if lease.address.with_prefixlen not in self.ipv4_of(name):
                 self.ip("addr", "add", lease.address.with_prefixlen, *brd, "dev", name)
-        if lease.routers and (old is None or old.routers[:1] != lease.routers[:1] or old.address != lease.address):
-            ifindex = self._read(name, "ifindex")
-            metric = 1000 + int(ifindex) if ifindex.isdigit() else None
+        ifindex = self._read(name, "ifindex")
+        metric = 1000 + int(ifindex) if ifindex.isdigit() else None
+        changed = old is None or old.address != lease.address
+        if lease.routes and (changed or old.routes != lease.routes):
+            self._static_routes(name, lease, metric)
+        elif lease.routers and (changed or old.routers[:1] != lease.routers[:1]):
             try:
                 self._default_route(name, lease.routers[0], lease.address, metric)
             except CommandFailed as exc:
                 self.log.error("network: default route via %s on %s not set: %s", lease.routers[0], name, exc)
+        if lease.hostname and not self._state.hostname:
+            self._state.hostname = lease.hostname
+            self._set_hostname(lease.hostname, f"DHCP on {name}")
         self._state.leases[name] = lease
         self._state.failures.pop(name, None)
         self._dhcp_resolv_conf()
@@ -779,6 +808,23 @@ class Network:
             self.log.info("network: %s %s %s (lease %ss)", name, event, lease.address.with_prefixlen, lease.seconds)
         self._bound.set()
 
+    def _static_routes(self, name: str, lease: Lease, metric: int | None) -> None:
+        """Option 121's routes (RFC 3442: then the router option is not used), each one on its own:
+        a route the kernel refuses is logged, the others stay."""
+        extra = ["metric", str(metric)] if metric is not None else []
+        for destination, gateway in lease.routes:
+            try:
+                if gateway.is_unspecified:  # 0.0.0.0: the destination is on the link
+                    self.ip("route", "replace", str(destination), "dev", name, *extra)
+                else:
+                    if gateway not in lease.address.network:
+                        self.ip("route", "replace", str(gateway), "dev", name)
+                    self.ip("route", "replace", str(destination), "via", str(gateway), "dev", name, *extra)
+            except CommandFailed as exc:
+                self.log.error("network: route %s via %s on %s not set: %s", destination, gateway, name, exc)
+        self.log.info("network: %s: classless static routes %s (option 121; the router option is not used)", name,
+                      ", ".join(f"{d} via {g}" for d, g in lease.routes))
+
     def _dhcp_resolv_conf(self) -> None:
         leases = sorted(self._state.leases.items())
         origin = "DHCP on " + (", ".join(n for n, _ in leases) or "no interface yet")
@@ -787,6 +833,14 @@ class Network:
         self._write_resolv_conf(origin, nameservers, search)
 
     # --- for hook-docker ---------------------------------------------------------------------
+
+    def ntp_servers(self) -> tuple[list[str], str]:
+        """(the NTP servers ipam= or the DHCP leases named, where they come from)."""
+        if self._ipam is not None:
+            return [str(s) for s in self._ipam.ntp], "ipam="
+        with self._state_lock:
+            servers = [s for _, lease in sorted(self._state.leases.items()) for s in lease.ntp]
+        return list(dict.fromkeys(servers)), "DHCP"
 
     @property
     def dhcp_interfaces(self) -> list[str]:
