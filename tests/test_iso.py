@@ -5,9 +5,14 @@ and real QEMU (TCG) boots of it through firmware and GRUB, never with -kernel.
   busybox initramfs by the real tool image.
 - Small-ISO boots: SeaBIOS and OVMF, each from a CD, a USB disk and a virtio disk, after a patch:
   /proc/cmdline is exactly what was patched in (GRUB's quoting included).
-- The real Hook OS (`doit dev_dist` with the real LinuxKit, then `doit iso`): one BIOS CD boot with
-  the ISO's built-in parameters, then patched: a UEFI CD boot and a BIOS raw USB-disk boot. Each
-  reaches the running tink-worker, as tests/test_boot.py does with -kernel.
+- Smee's region: Tinkerbell's magic string once, at the start of a sector of the one grub.cfg;
+  the ISO served through Smee's algorithm (tests/smee.py, written from SMEE.md) gives the kernel
+  Smee's parameters, a patch longer than the placeholder included; iso_smee=false and
+  `patch --drop-smee` give an ISO without it, which Smee passes through unchanged.
+- The real Hook OS (`doit dev_dist` with the real LinuxKit, then `doit iso`): served by Smee
+  (its consoles, ttyS1 last; its worker_id) on a BIOS CD and, after `tasks.iso patch`, on a UEFI
+  CD; not served by Smee (the placeholder unpatched), on a BIOS raw USB disk. Each reaches the running tink-worker, as
+  tests/test_boot.py does with -kernel.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.boot import qemu
+from tasks.boot import netboot, qemu
 from tasks.core.arch import Arch
 from tasks.core.errors import HookError
 from tasks.images import tools
@@ -31,12 +36,24 @@ from tasks.images.bases import BaseResolver
 from tasks.images.specs import read_record
 from tasks.media import iso
 from tasks.settings import load_settings
-from tests.conftest import CACHE, ROOT, Registry
+from tests import smee
+from tests.conftest import CACHE, REGISTRY_PASSWORD, ROOT, Registry
 from tests.pipeline_env import CA_BUNDLE, Project, copy_out, make_project
-from tests.test_boot import BOOT_TIMEOUT, GUEST_REGISTRY, MEMORY_MB, WORKER_ID, WORKER_IMAGE, report, tinkerbell_cmdline
+from tests.test_boot import (
+    AGENT_IMAGE,
+    BOOT_TIMEOUT,
+    GUEST_REGISTRY,
+    MEMORY_MB,
+    SMP,
+    WORKER_ID,
+    WORKER_IMAGE,
+    report,
+    tinkerbell_cmdline,
+)
 from tests.test_qemu import make_initramfs
 
 ARCH = Arch.native()
+AARCH64_SMP = 2  # the generic timer: no TSC to drift
 OVMF = Path("/usr/share/ovmf/OVMF.fd")
 TEST_BASE = "local/python-base:amd64"  # a Debian bookworm with apt: the tool image's base in tests
 EPOCH = 1700000000
@@ -52,6 +69,8 @@ ISO_MILESTONES = (("UEFI firmware starts the boot loader", r"BdsDxe: starting"),
 #: A cmdline with what GRUB would otherwise change: a quoted value with a space, $, ;, #, *.
 TRICKY = 'console=ttyS0 panic=-1 "registry_password=pa=ss w0rd" x=$y;#z glob=a*b worker_id=small-1'
 GRUB_PREFIX = "BOOT_IMAGE=/boot/vmlinuz "
+#: What the kernel sees after the cmdline area of an ISO that Smee did not patch.
+PLACEHOLDER = " " + smee.MAGIC.decode()
 
 
 # --- the codec: no docker ---------------------------------------------------------------------------------
@@ -105,15 +124,33 @@ def test_setting_iso_cmdline_is_checked_before_any_work(tmp_path: Path) -> None:
         load_settings(lambda n, d=None: d, {"HOOK_ISO_CMDLINE": 'worker_id="x', "HOOK_VERSION": "1",
                                             "SOURCE_DATE_EPOCH": "1"}, root=tmp_path)
     settings = load_settings(lambda n, d=None: d, {"HOOK_VERSION": "1", "SOURCE_DATE_EPOCH": "1"}, root=tmp_path)
-    assert iso.expand(settings.iso_cmdline, Arch.AARCH64) == "console=tty0 console=ttyAMA0"
+    # {consoles}: Smee gives them to an ISO with its placeholder; without it, the screen and the serial port
+    assert iso.expand(settings.iso_cmdline, Arch.AARCH64) == ""
+    assert iso.expand(settings.iso_cmdline, Arch.AARCH64, smee=False) == "console=tty0 console=ttyAMA0"
+    assert iso.expand("{consoles} worker_id=1", Arch.X86_64, smee=False) == "console=tty0 console=ttyS0 worker_id=1"
 
 
 def test_grub_cfg_holds_the_area_once_between_its_markers() -> None:
     area = iso.encode("worker_id=1")
-    cfg = iso.grub_cfg(Arch.X86_64, area)
-    assert cfg.count(iso.MARKER_PREFIX) == 1
-    assert cfg.index(iso.MARKER) + len(iso.MARKER) + iso.AREA_SIZE == cfg.index(iso.END)
-    assert b"serial --unit=0" in cfg and b"serial" not in iso.grub_cfg(Arch.AARCH64, area)
+    for arch in Arch:
+        cfg = iso.grub_cfg(arch, area)
+        assert cfg.count(iso.MARKER_PREFIX) == 1
+        start = cfg.index(iso.MARKER) + len(iso.MARKER)
+        assert cfg[start:start + iso.AREA_SIZE] == area
+        # one space, then Smee's region: the magic string starting a sector, 1024 spaces of room after it
+        assert cfg[start + iso.AREA_SIZE:start + iso.AREA_SIZE + 1] == b" "
+        assert cfg.count(smee.MAGIC) == 1 and cfg.index(smee.MAGIC) == start + iso.AREA_SIZE + 1
+        assert cfg.index(smee.MAGIC) % 2048 == 0
+        assert cfg.index(iso.END) == cfg.index(smee.MAGIC) + 2048
+        plain = iso.grub_cfg(arch, area, smee=False)
+        assert smee.MAGIC not in plain and len(plain) == len(cfg)
+    assert b"serial --unit=0" in iso.grub_cfg(Arch.X86_64, area) and b"serial" not in iso.grub_cfg(Arch.AARCH64, area)
+
+
+def test_the_placeholder_is_tinkerbells() -> None:
+    """The very bytes of Smee's isoMagicString (and of upstream Hook's template cmdline)."""
+    assert iso.SMEE_MAGIC == smee.MAGIC
+    assert len(smee.MAGIC) == 1024 and re.fullmatch(rb"[a-z0-9]+", smee.MAGIC)
 
 
 # --- the tool image and small ISOs (docker) -----------------------------------------------------------------
@@ -141,9 +178,9 @@ def small_files(tmp_path_factory: pytest.TempPathFactory, test_kernel: Path, bus
 
 
 def small_iso(tool_ref: str, files: tuple[Path, Path], target: Path, *, arch: Arch = ARCH,
-              cmdline: str = "console=ttyS0 panic=-1 worker_id=small-0") -> Path:
+              cmdline: str = "console=ttyS0 panic=-1 worker_id=small-0", smee: bool = True) -> Path:
     iso.make_iso_file(tool_ref=tool_ref, kernel=files[0], initrd=files[1], arch=arch, cmdline=cmdline,
-                      target=target, source_date_epoch=EPOCH)
+                      target=target, source_date_epoch=EPOCH, smee=smee)
     return target
 
 
@@ -190,12 +227,20 @@ def test_x86_64_iso_layout(small_x86: Path) -> None:
     assert data[:440].count(b"\0") < 400  # GRUB's hybrid MBR boot code
     part = esp(data)
     assert b"BOOTX64 EFI" in part and b"PE\0\0\x64\x86" in part  # /EFI/BOOT/BOOTX64.EFI, an x86-64 PE
+    # the Secure Boot chain: shim signed by Microsoft's UEFI CA, Debian's signed GRUB CD image and
+    # MokManager beside it, no fallback (shim would run fbx64.efi instead of GRUB)
+    assert b"GRUBX64 EFI" in part and b"MMX64   EFI" in part and b"FBX64" not in part
+    assert b"Microsoft Corporation UEFI CA 2011" in part and b"Debian Secure Boot Signer 2022 - grub2" in part
+    assert b"Hook x86_64 hook-" in data  # /.disk/info: how Debian's signed GRUB finds the volume from a disk
     assert part.count(iso.MARKER_PREFIX) == 0 and data.count(iso.MARKER_PREFIX) == 1
     area = iso.locate(small_x86)
-    # marker, area and end marker sit in one 2048-byte sector (a server patching ranges sees them whole)
-    first, last = area.offset - len(iso.MARKER), area.offset + area.size + len(iso.END) - 1
-    assert first // 2048 == last // 2048
     assert area.cmdline == "console=ttyS0 panic=-1 worker_id=small-0"
+    # Smee's magic string: once in the whole ISO (the EFI image holds no copy), starting a sector,
+    # so that no 32 KiB read of Smee's cuts it; right after the cmdline area
+    assert part.count(smee.MAGIC) == 0 and data.count(smee.MAGIC) == 1
+    at = data.index(smee.MAGIC)
+    assert at % 2048 == 0 and at // smee.READ_SIZE == (at + 1023) // smee.READ_SIZE
+    assert at == area.offset + area.size + 1 and area.placeholder
 
 
 @pytest.mark.slow
@@ -207,6 +252,7 @@ def test_aarch64_iso_is_uefi_only(tool_ref: str, small_files: tuple[Path, Path],
     assert el_torito_platforms(data) == [0xEF]
     part = esp(data)
     assert b"BOOTAA64EFI" in part and b"PE\0\0\x64\xaa" in part  # /EFI/BOOT/BOOTAA64.EFI, an arm64 PE
+    assert b"GRUBAA64EFI" in part and b"Microsoft Corporation UEFI CA 2011" in part  # shimaa64, gcdaa64
     assert iso.locate(made).cmdline == "console=ttyAMA0 worker_id=arm-1"
     iso.patch(made, "console=ttyAMA0 worker_id=arm-2")
     assert iso.locate(made).cmdline == "console=ttyAMA0 worker_id=arm-2"
@@ -234,13 +280,66 @@ def test_patch_changes_the_area_and_nothing_else(small_x86: Path, tmp_path: Path
     done = run_patch("patch", str(copy), "--cmdline", TRICKY)
     assert done.returncode == 0, done.stderr
     area = iso.locate(copy)
-    assert done.stdout.strip().endswith(f": {iso.canonical(TRICKY)}")
-    assert run_patch("show", str(copy)).stdout.strip() == iso.canonical(TRICKY)
+    shown = f"{iso.canonical(TRICKY)} <Smee's placeholder: patched as Smee serves the ISO>"
+    assert done.stdout.strip().endswith(f": {shown}")
+    assert run_patch("show", str(copy)).stdout.strip() == shown
     assert run_patch("show", "--raw", str(copy)).stdout.strip() == iso.encode(TRICKY).decode().rstrip()
     before, after = small_x86.read_bytes(), copy.read_bytes()
     assert len(before) == len(after)
     assert before[:area.offset] == after[:area.offset]
-    assert before[area.offset + area.size:] == after[area.offset + area.size:]
+    assert before[area.offset + area.size:] == after[area.offset + area.size:]  # Smee's placeholder stays
+
+    # --drop-smee: the placeholder becomes spaces; Smee then passes the ISO through unchanged
+    done = run_patch("patch", str(copy), "--cmdline", TRICKY, "--drop-smee")
+    assert done.returncode == 0, done.stderr
+    assert run_patch("show", str(copy)).stdout.strip() == iso.canonical(TRICKY)
+    after = copy.read_bytes()
+    assert smee.MAGIC not in after and len(after) == len(before)
+    assert before[area.offset + area.size + 1 + 2048:] == after[area.offset + area.size + 1 + 2048:]
+    served = smee.patched_copy(copy, tmp_path / "served.iso", "worker_id=never")
+    assert sha256(served) == sha256(copy)
+
+    # a Smee-patched ISO is still ours: show says Smee's part, patch rewrites the area and keeps it
+    patched = smee.patched_copy(small_x86, tmp_path / "smee.iso", "worker_id=from-smee")
+    assert run_patch("show", str(patched)).stdout.strip() == "console=ttyS0 panic=-1 worker_id=small-0 " \
+                                                              "worker_id=from-smee"
+    assert run_patch("patch", str(patched), "--cmdline", "console=ttyS0").returncode == 0
+    assert run_patch("show", str(patched)).stdout.strip() == "console=ttyS0 worker_id=from-smee"
+
+
+@pytest.mark.slow
+def test_iso_smee_false_has_no_placeholder(tool_ref: str, small_files: tuple[Path, Path], small_x86: Path,
+                                           tmp_path: Path) -> None:
+    """iso_smee=false: the ISO of before, with no magic string; its size and layout otherwise the same."""
+    plain = small_iso(tool_ref, small_files, tmp_path / "plain.iso", arch=Arch.X86_64, smee=False)
+    data = plain.read_bytes()
+    assert smee.MAGIC not in data and len(data) == small_x86.stat().st_size
+    area = iso.locate(plain)
+    assert area.cmdline == "console=ttyS0 panic=-1 worker_id=small-0" and not area.placeholder
+    assert run_patch("show", str(plain)).stdout.strip() == area.cmdline
+    assert sha256(smee.patched_copy(plain, tmp_path / "served.iso", "worker_id=x")) == sha256(plain)
+
+
+@pytest.mark.slow
+def test_a_version_1_area_is_still_read_and_patched(small_x86: Path, tmp_path: Path) -> None:
+    """ISOs of the previous layout (the 1024-byte area alone): show and patch keep working on them."""
+    old = tmp_path / "v1.iso"
+    shutil.copy(small_x86, old)
+    area = iso.locate(old)
+    start = area.offset - len(iso.MARKER)
+    end = area.offset + area.size + 1 + 2048 + len(iso.END)
+    block = iso.MARKER_V1 + iso.encode("console=ttyS0 worker_id=old") + iso.END
+    block += b"#" + b"-" * (end - start - len(block) - 2) + b"\n"  # a GRUB comment keeps the file's size
+    with old.open("r+b") as handle:
+        handle.seek(start)
+        handle.write(block)
+    assert iso.locate(old).version == 1
+    assert run_patch("show", str(old)).stdout.strip() == "console=ttyS0 worker_id=old"
+    done = run_patch("patch", str(old), "--cmdline", "console=ttyS0 worker_id=new")
+    assert done.returncode == 0, done.stderr
+    assert iso.locate(old).cmdline == "console=ttyS0 worker_id=new"
+    refused = run_patch("patch", str(old), "--cmdline", "x=1", "--drop-smee")
+    assert refused.returncode == 1 and "no Smee region to drop" in refused.stderr
 
 
 def foreign_iso(tool_ref: str, target: Path, *, grub_cfg: str | None) -> Path:
@@ -302,14 +401,15 @@ def media(kind: str, image: Path) -> list[str]:
 
 
 def iso_guest(image: Path, log: Path, *, firmware: str, medium: str, memory_mb: int,
-              nics: list[qemu.Nic] | None = None) -> qemu.Guest:
-    """A firmware boot of the ISO (no -kernel): SeaBIOS (QEMU's default) or OVMF, on q35 (AHCI CD)."""
+              nics: list[qemu.Nic] | None = None, serial1: Path | None = None) -> qemu.Guest:
+    """A firmware boot of the ISO (no -kernel): SeaBIOS (QEMU's default) or OVMF, on q35 (AHCI CD).
+    serial1: a second serial port (ttyS1, a BMC's serial-over-LAN) to that file."""
     if firmware == "uefi" and not OVMF.is_file():
         pytest.fail(f"no OVMF at {OVMF}: run hack/setup-test-machine.sh (Debian's ovmf package)")
     extra = ["-M", "q35", *(["-bios", str(OVMF)] if firmware == "uefi" else []), *media(medium, image),
              "-device", "virtio-rng-pci"]
-    return qemu.Guest(None, None, arch=ARCH, memory_mb=memory_mb, accel="tcg", smp=2, nics=nics, extra=extra,
-                      log=log, milestone_patterns=ISO_MILESTONES)
+    return qemu.Guest(None, None, arch=ARCH, memory_mb=memory_mb, accel="tcg", smp=SMP, nics=nics, extra=extra,
+                      log=log, milestone_patterns=ISO_MILESTONES, serial1=serial1)
 
 
 @pytest.fixture(scope="module")
@@ -329,7 +429,85 @@ def test_small_patched_iso_boots(small_patched: Path, firmware: str, medium: str
         found = g.wait_for(re.compile(rf"{SMALL_MARKER} cmdline=\[(.*)\]"), timeout=180)
         report(g, f"small ISO, {firmware}, {medium}")
         assert g.wait_exit(60) == 0
-    assert found.group(1) == GRUB_PREFIX + iso.canonical(TRICKY)
+    assert found.group(1) == GRUB_PREFIX + iso.canonical(TRICKY) + PLACEHOLDER
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(ARCH is not Arch.X86_64, reason="the x86_64 ISO boots on an x86_64 host")
+def test_a_smee_patch_longer_than_the_placeholder_reaches_the_kernel(small_x86: Path, tmp_path: Path) -> None:
+    """Smee writes a patch longer than its 1024-byte string over what follows: our region has the room,
+    so the kernel gets all of it and GRUB still reads the rest of grub.cfg (the initrd line)."""
+    extra = " ".join(f"hook_test_{n}={'v' * 40}" for n in range(20))
+    patch = smee.patch_text(mac="52:54:00:aa:bb:07", syslog_host="10.0.2.2", grpc_authority="10.0.2.2:42113",
+                            vlan_id="", extra=extra)
+    patch = patch.replace(smee.DEFAULT_CONSOLES, "console=ttyS0")  # the small init says it on ttyS0
+    assert 1024 < len(patch) <= 2048
+    served = smee.patched_copy(small_x86, tmp_path / "served.iso", patch)
+    with iso_guest(served, tmp_path / "console.log", firmware="bios", medium="cdrom", memory_mb=512) as g:
+        found = g.wait_for(re.compile(rf"{SMALL_MARKER} cmdline=\[(.*)\]"), timeout=180)
+        assert g.wait_exit(60) == 0
+    assert found.group(1) == GRUB_PREFIX + "console=ttyS0 panic=-1 worker_id=small-0 " + patch
+
+
+# --- Secure Boot: OVMF with Microsoft's keys enrolled, the chain enforced ---------------------------------
+
+
+def strip_signature(kernel: Path, target: Path) -> Path:
+    """A copy of a signed kernel without its Authenticode signature (the PE certificate table)."""
+    data = bytearray(kernel.read_bytes())
+    pe = struct.unpack_from("<I", data, 0x3C)[0]
+    optional = pe + 24
+    entry = optional + (112 if struct.unpack_from("<H", data, optional)[0] == 0x20B else 96) + 4 * 8
+    offset, size = struct.unpack_from("<II", data, entry)
+    assert size and offset + size == len(data), "the signature is not at the end of the kernel"
+    struct.pack_into("<II", data, entry, 0, 0)
+    target.write_bytes(bytes(data[:offset]))
+    return target
+
+
+def sb_guest(image: Path, folder: Path, *, secure_boot: bool, memory_mb: int = 512,
+             nics: list[qemu.Nic] | None = None, serial1: Path | None = None) -> qemu.Guest:
+    """A UEFI boot of the ISO from a CD under OVMF's 4 MB build: with Secure Boot on (Microsoft's keys
+    enrolled, SMM), or off."""
+    extra = [*netboot.firmware_args(uefi=True, vars_copy=folder / "vars.fd", secure_boot=secure_boot),
+             "-cdrom", str(image), "-device", "virtio-rng-pci"]
+    return qemu.Guest(None, None, arch=ARCH, memory_mb=memory_mb, accel="tcg", smp=SMP, nics=nics, extra=extra,
+                      log=folder / "console.log", milestone_patterns=ISO_MILESTONES, serial1=serial1)
+
+
+@pytest.fixture(scope="module")
+def unsigned_iso(tool_ref: str, small_files: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("unsigned")
+    kernel = strip_signature(small_files[0], folder / "vmlinuz")
+    assert iso.kernel_signers(kernel) is None and iso.kernel_signers(small_files[0])
+    return small_iso(tool_ref, (kernel, small_files[1]), folder / "unsigned.iso", arch=Arch.X86_64)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(ARCH is not Arch.X86_64, reason="OVMF's Secure Boot build is x86_64")
+@pytest.mark.parametrize(("kernel", "secure_boot"), [("signed", True), ("unsigned", True), ("unsigned", False)])
+def test_secure_boot_enforces_the_chain(small_x86: Path, unsigned_iso: Path, kernel: str, secure_boot: bool,
+                                        tmp_path: Path) -> None:
+    """shim (Microsoft's signature) -> Debian's GRUB -> Debian's signed kernel boots with Secure Boot
+    on, and the kernel says so; the same ISO with the kernel's signature removed is refused by the
+    chain with Secure Boot on (GRUB: shim's verification failed) and boots with it off."""
+    image = small_x86 if kernel == "signed" else unsigned_iso
+    with sb_guest(image, tmp_path, secure_boot=secure_boot) as g:
+        if kernel == "unsigned" and secure_boot:
+            refused = g.wait_for(re.compile(r"error: (bad shim signature|[^\r\n]*verification failed)[^\r\n]*"),
+                                 timeout=300)
+            print(f"\n[Secure Boot, unsigned kernel] GRUB says: {refused.group(0)}")
+            time.sleep(5)
+            assert "Linux version" not in g.console and SMALL_MARKER not in g.console
+            return
+        g.wait_for(re.compile(rf"{SMALL_MARKER} cmdline="), timeout=300)
+        report(g, f"small ISO, OVMF {'Secure Boot' if secure_boot else 'no Secure Boot'}, {kernel} kernel")
+        assert g.wait_exit(60) == 0
+    if secure_boot:
+        assert "secureboot: Secure boot enabled" in g.console
+        assert "Kernel is locked down from EFI Secure Boot" in g.console
+    else:
+        assert "Secure boot enabled" not in g.console
 
 
 # --- aarch64: the UEFI ISO under qemu-system-aarch64 (TCG) and AAVMF, a Debian arm64 kernel and busybox ---
@@ -388,13 +566,13 @@ def test_aarch64_patched_iso_boots_uefi(arm64_iso: Path, medium: str, tmp_path: 
     attach = (["-drive", f"if=none,id=cd,format=raw,readonly=on,media=cdrom,file={arm64_iso}",
                "-device", "virtio-scsi-pci", "-device", "scsi-cd,drive=cd"] if medium == "cdrom"
               else ["-drive", f"if=virtio,format=raw,snapshot=on,file={arm64_iso}"])
-    with qemu.Guest(None, None, arch=Arch.AARCH64, memory_mb=1024, accel="tcg", smp=2,
+    with qemu.Guest(None, None, arch=Arch.AARCH64, memory_mb=1024, accel="tcg", smp=AARCH64_SMP,
                     extra=["-bios", str(AAVMF), *attach], log=tmp_path / "console.log",
                     milestone_patterns=ISO_MILESTONES) as g:
         found = g.wait_for(re.compile(rf"{SMALL_MARKER} cmdline=\[(.*)\]"), timeout=300)
         report(g, f"aarch64 ISO, AAVMF, {medium}")
         assert g.wait_exit(60) == 0
-    assert found.group(1) == GRUB_PREFIX + iso.canonical(ARM_TRICKY)
+    assert found.group(1) == GRUB_PREFIX + iso.canonical(ARM_TRICKY) + PLACEHOLDER
 
 
 # --- the real Hook OS on the ISO --------------------------------------------------------------------------
@@ -404,8 +582,15 @@ ISO_WORKER = "hook-iso-machine-1"
 PATCHED_WORKER = "hook-iso-machine-2"
 
 
-def worker_cmdline(worker_id: str, extra: str = "") -> str:
-    return tinkerbell_cmdline(extra=extra).replace(f"worker_id={WORKER_ID} ", f"worker_id={worker_id} ")
+def worker_cmdline(worker_id: str, extra: str = "", *, consoles: bool = True) -> str:
+    """tinkerbell_cmdline for another worker; without consoles: what an ISO that Smee serves holds."""
+    text = tinkerbell_cmdline(extra=extra).replace(f"worker_id={WORKER_ID} ", f"worker_id={worker_id} ")
+    return text if consoles else text.replace("console=tty0 console=ttyS0 ", "")
+
+
+#: the built-in iso_cmdline of the ISO the tests build: what Smee does not give (the registry...),
+#: and a worker_id that Smee's must override
+ISO_CMDLINE = worker_cmdline(ISO_WORKER, consoles=False)
 
 
 def marker(worker_id: str) -> str:
@@ -416,10 +601,11 @@ def marker(worker_id: str) -> str:
 def iso_project(dev_project: Project, tmp_path_factory: pytest.TempPathFactory) -> Project:
     """A copy of the built dev project, with `doit iso` run once (built-in cmdline: worker ISO_WORKER)."""
     project = make_project(tmp_path_factory.mktemp("iso") / "hook", env={
-        "HOOK_ISO_BASE": TEST_BASE, "HOOK_ISO_CMDLINE": worker_cmdline(ISO_WORKER)})
+        "HOOK_ISO_BASE": TEST_BASE, "HOOK_ISO_CMDLINE": ISO_CMDLINE})
     copy_out(dev_project, project)
     started = time.monotonic()
     first = project.doit("iso")
+    project.built = first
     print(f"\n[doit iso] {time.monotonic() - started:.1f}s, ran {first.executed}")
     assert first.executed == ["iso_tools", f"iso:{ARCH}"] or first.executed == [f"iso:{ARCH}"], first.output[-3000:]
     return project
@@ -438,7 +624,8 @@ def test_doit_iso_outputs_incremental_and_reproducible(iso_project: Project, bui
     dist = iso_project.out("dist/dev")
     assert f"  hook-{ARCH}.iso\n" in (dist / "checksum.txt").read_text()
     subprocess.run(["sha512sum", "-c", "checksum.txt"], cwd=dist, check=True, capture_output=True)
-    assert iso.locate(built_iso).cmdline == iso.canonical(worker_cmdline(ISO_WORKER))
+    assert iso.locate(built_iso).cmdline == iso.canonical(ISO_CMDLINE)
+    assert iso_project.built is not None and "warning" not in iso_project.built.output
 
     noop = iso_project.doit("iso")
     assert noop.executed == [], noop.output[-2000:]
@@ -453,6 +640,8 @@ def test_doit_iso_outputs_incremental_and_reproducible(iso_project: Project, bui
 
     changed = iso_project.doit("iso", "iso_cmdline=console=ttyS0 worker_id=other")
     assert changed.executed == [f"iso:{ARCH}"]  # a boot setting: the ISO only, no image, linuxkit or package step
+    assert "warning: iso_cmdline names console=ttyS0: served by Smee, the kernel's serial console is that one " \
+           "whatever Smee gives" in changed.output
     assert iso.locate(iso_project.out(f"dist/dev/hook-{ARCH}.iso")).cmdline == "console=ttyS0 worker_id=other"
     subprocess.run(["sha512sum", "-c", "checksum.txt"], cwd=dist, check=True, capture_output=True)
 
@@ -473,41 +662,96 @@ def registry_nic(registry: Registry) -> list[qemu.Nic]:
     return [qemu.Nic(forwards=(qemu.Forward(5000, registry.port),))]
 
 
+SMEE_MACS = {"bios": "52:54:00:5e:e0:01", "uefi": "52:54:00:5e:e0:02"}
+
+
+def smee_patch(mac: str, extra: str = "", image: str = WORKER_IMAGE) -> str:
+    """What Smee writes for one machine: its default consoles, its parameters, the chart's extra args
+    (tink_worker_image: tink-worker, or tink-agent as the chart now runs it)."""
+    return smee.patch_text(mac=mac, syslog_host=qemu.GUEST_SERVICE_IP, grpc_authority=f"{qemu.GUEST_SERVICE_IP}:42113",
+                           extra=f"tink_worker_image={image} {extra}".strip())
+
+
+def smee_nic(registry: Registry, mac: str) -> list[qemu.Nic]:
+    return [qemu.Nic(forwards=(qemu.Forward(5000, registry.port),), mac=mac)]
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(ARCH is not Arch.X86_64, reason="the x86_64 ISO boots on an x86_64 host")
-def test_iso_boots_bios_cdrom_with_its_built_in_parameters(built_iso: Path, worker_registry: Registry,
-                                                           tmp_path: Path) -> None:
-    with iso_guest(built_iso, tmp_path / "console.log", firmware="bios", medium="cdrom", memory_mb=MEMORY_MB,
-                   nics=registry_nic(worker_registry)) as g:
-        shown = wait_for_worker(g, ISO_WORKER, "ISO, SeaBIOS, CD")
-    assert shown == GRUB_PREFIX + iso.canonical(worker_cmdline(ISO_WORKER))
-    assert f"tink_worker_image={WORKER_IMAGE}" in shown and f"docker_registry={GUEST_REGISTRY}" in shown
+def test_iso_served_by_smee_boots_bios_cdrom(built_iso: Path, worker_registry: Registry, tmp_path: Path) -> None:
+    """The ISO `doit iso` made, as Smee serves it to one machine: the built-in parameters (the
+    registry), then Smee's; its worker_id (the MAC) wins over the built-in one. Smee's default
+    consoles name ttyS0 before ttyS1 (last): Linux's serial console is the first ttyS named, so the
+    kernel, the services and tink-worker are on ttyS0; ttyS1 gets a getty."""
+    mac = SMEE_MACS["bios"]
+    served = smee.patched_copy(built_iso, tmp_path / "served.iso", smee_patch(mac))
+    with iso_guest(served, tmp_path / "console.log", firmware="bios", medium="cdrom", memory_mb=MEMORY_MB,
+                   nics=smee_nic(worker_registry, mac), serial1=tmp_path / "ttyS1.log") as g:
+        shown = wait_for_worker(g, mac, "ISO served by Smee, SeaBIOS, CD")
+    assert shown == GRUB_PREFIX + iso.canonical(ISO_CMDLINE) + " " + smee_patch(mac)
+    assert "Linux version" in g.console and "Welcome to LinuxKit" in g.second_serial
+    assert f"docker_registry={GUEST_REGISTRY}" in shown and shown.endswith(f"tink_worker_image={WORKER_IMAGE}")
 
 
-@pytest.fixture(scope="module")
-def patched_iso(built_iso: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    """The built ISO patched in place for another machine, as a provisioning server would."""
-    copy = tmp_path_factory.mktemp("patched-os") / f"hook-{ARCH}.iso"
-    shutil.copy(built_iso, copy)
-    cmdline = worker_cmdline(PATCHED_WORKER, extra="syslog_host=10.0.2.100 hook_iso_test=patched")
+def patched_copy(built_iso: Path, target: Path, cmdline: str) -> Path:
+    """The built ISO patched in place for another machine (`python -m tasks.iso patch`)."""
+    shutil.copy(built_iso, target)
     started = time.monotonic()
-    done = run_patch("patch", str(copy), "--cmdline", cmdline)
+    done = run_patch("patch", str(target), "--cmdline", cmdline)
     assert done.returncode == 0, done.stderr
     print(f"\n[patch] {time.monotonic() - started:.2f}s: {done.stdout.strip()}")
-    return copy, cmdline
+    return target
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(ARCH is not Arch.X86_64, reason="the x86_64 ISO boots on an x86_64 host")
-@pytest.mark.parametrize(("firmware", "medium", "label"), [
-    ("uefi", "cdrom", "patched ISO, OVMF, CD"),
-    ("bios", "usb", "patched ISO, SeaBIOS, raw USB disk"),
-], ids=["uefi-cdrom", "bios-raw-usb-disk"])
-def test_patched_iso_boots(patched_iso: tuple[Path, str], worker_registry: Registry, tmp_path: Path,
-                           firmware: str, medium: str, label: str) -> None:
-    image, cmdline = patched_iso
-    with iso_guest(image, tmp_path / "console.log", firmware=firmware, medium=medium, memory_mb=MEMORY_MB,
+def test_patched_iso_served_by_smee_runs_tink_agent_secure_boot(built_iso: Path, worker_registry: Registry,
+                                                                tmp_path: Path) -> None:
+    """`tasks.iso patch` keeps Smee's placeholder: the patched ISO, served by Smee with the chart's
+    `tink_worker_image=<tink-agent>`, from a CD under OVMF with Secure Boot on (Microsoft's keys):
+    shim, Debian's GRUB and Debian's kernel, in lockdown. bootkit starts the agent as it starts
+    tink-worker, and the stand-in finds its whole contract met (AGENT.md: the legacy variables, the
+    docker socket, /dev, the host's /run with udev's database, the host network)."""
+    cmdline = worker_cmdline(PATCHED_WORKER, extra="hook_iso_test=patched", consoles=False)
+    image = patched_copy(built_iso, tmp_path / "patched.iso", cmdline)
+    mac = SMEE_MACS["uefi"]
+    patch = smee_patch(mac, "hook_iso_test=smee", image=AGENT_IMAGE)
+    served = smee.patched_copy(image, tmp_path / "served.iso", patch)
+    with sb_guest(served, tmp_path, secure_boot=True, memory_mb=MEMORY_MB, nics=smee_nic(worker_registry, mac),
+                  serial1=tmp_path / "ttyS1.log") as g:
+        verdict = g.wait_for(re.compile(r"TINK-AGENT-CONTRACT (MET|BROKEN)[^\r\n]*"), timeout=BOOT_TIMEOUT)
+        report(g, "patched ISO served by Smee, tink-agent, OVMF Secure Boot, CD")
+        checks = sorted(set(re.findall(r"TINK-AGENT-CHECK \S+ [^\r\n]*", g.console)))
+        print("\n".join(checks))
+        shown = g.sh("cat /proc/cmdline", timeout=120).output.replace("\r", "").strip()
+        policy = g.sh("cat /sys/module/module/parameters/sig_enforce; "
+                      "grep -h . /sys/kernel/security/lockdown 2>/dev/null || "
+                      "{ mount -t securityfs securityfs /sys/kernel/security && cat /sys/kernel/security/lockdown; }",
+                      timeout=120).output
+    print(f"[Secure Boot] module sig_enforce and lockdown: {policy.split()}")
+    assert "secureboot: Secure boot enabled" in g.console
+    assert "Kernel is locked down from EFI Secure Boot" in g.console
+    assert re.search(r"(?m)^Y\s*$", policy) and "[integrity]" in policy  # unsigned modules refused
+    assert verdict.group(1) == "MET", "\n".join(checks)
+    assert verdict.group(0).endswith(f"worker_id={mac}")  # Smee's worker_id, shown on the console
+    for name in ("env", "docker", "dev", "udev", "host-network", "hardware"):
+        assert any(c.startswith(f"TINK-AGENT-CHECK ok {name}:") for c in checks), name
+    assert not any(REGISTRY_PASSWORD in line for line in checks)  # checked, never shown
+    assert shown == GRUB_PREFIX + iso.canonical(cmdline) + " " + patch
+    assert ISO_WORKER not in shown
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(ARCH is not Arch.X86_64, reason="the x86_64 ISO boots on an x86_64 host")
+def test_patched_iso_not_served_by_smee_boots_bios_raw_usb_disk(built_iso: Path, worker_registry: Registry,
+                                                                tmp_path: Path) -> None:
+    """The ISO patched for a machine and written to a USB stick, never served by Smee: its consoles
+    in the area; its placeholder reaches the kernel unpatched (one unknown word, as with upstream
+    Hook's ISO) and the OS boots all the same."""
+    cmdline = worker_cmdline(PATCHED_WORKER, extra="syslog_host=10.0.2.100 hook_iso_test=patched")
+    image = patched_copy(built_iso, tmp_path / "patched.iso", cmdline)
+    with iso_guest(image, tmp_path / "console.log", firmware="bios", medium="usb", memory_mb=MEMORY_MB,
                    nics=registry_nic(worker_registry)) as g:
-        shown = wait_for_worker(g, PATCHED_WORKER, label)
-    assert shown == GRUB_PREFIX + iso.canonical(cmdline)
+        shown = wait_for_worker(g, PATCHED_WORKER, "patched ISO, SeaBIOS, raw USB disk")
+    assert shown == GRUB_PREFIX + iso.canonical(cmdline) + PLACEHOLDER
     assert "hook_iso_test=patched" in shown and ISO_WORKER not in shown

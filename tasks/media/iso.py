@@ -8,16 +8,22 @@ command line that can be rewritten in place after the build.
   GRUB both read. `python -m tasks.iso patch ISO --cmdline '...'` rewrites it in place;
   `python -m tasks.iso show ISO` prints it. Layout, marker and encoding: docs/iso.md.
 
-The area (v1), as bytes in the ISO:
+The area (v2), as bytes in the ISO:
 
-    b"# hook-cmdline-area v1 size=1024\\nlinux /boot/vmlinuz "   MARKER: where the area starts
-    1024 bytes                                                   the command line, in GRUB's word
-                                                                 syntax (encode()), ASCII, padded
-                                                                 with spaces (0x20)
-    b"\\n# hook-cmdline-area end\\n"                             END: right after the area
+    b"# hook-cmdline-area v2 size=1024 smee=2048\\nlinux /boot/vmlinuz "   MARKER: where it starts
+    1024 bytes      the command line (iso_cmdline), in GRUB's word syntax (encode()), space-padded
+    b" "
+    2048 bytes      Smee's region: Tinkerbell's 1024-byte magic string (SMEE_MAGIC) and 1024 spaces,
+                    or (iso_smee=false) 2048 spaces. Smee patches the magic string as it serves the
+                    ISO: spaces over it, then the machine's parameters (a longer patch runs into the
+                    spaces after it, never into what follows); the magic string starts a 2048-byte
+                    sector (grub.cfg's head is padded for it), so no 32 KiB read of Smee's cuts it
+    b"\\n# hook-cmdline-area end\\n"                                         END: right after it
 
 MARKER occurs exactly once in the whole ISO, inside the data of /boot/grub/grub.cfg (ISO 9660
 files are stored contiguously, so an in-place rewrite changes what GRUB reads and nothing else).
+GRUB joins the words of the `linux` line with one space: the padding costs the kernel nothing.
+ISOs of the v1 layout (the 1024-byte area alone) are read and patched too.
 """
 
 from __future__ import annotations
@@ -51,7 +57,7 @@ from tasks.images import tools
 from tasks.images.specs import ImageSpec
 from tasks.media.package import sha512, update_checksums
 from tasks.settings.builds import boot_files
-from tasks.settings.cmdline import AREA_SIZE, canonical, decode, encode, expand, kernel_words
+from tasks.settings.cmdline import AREA_SIZE, canonical, decode, encode, expand, kernel_words, serial_consoles
 
 if TYPE_CHECKING:
     from tasks.settings import Settings
@@ -59,12 +65,30 @@ if TYPE_CHECKING:
 
 __all__ = ["AREA_SIZE", "canonical", "decode", "encode", "expand", "kernel_words"]  # the area's grammar, read here too
 
-AREA_VERSION = 1
-MARKER = b"# hook-cmdline-area v1 size=1024\nlinux /boot/vmlinuz "
+AREA_VERSION = 2
+MARKER = b"# hook-cmdline-area v2 size=1024 smee=2048\nlinux /boot/vmlinuz "
+MARKER_V1 = b"# hook-cmdline-area v1 size=1024\nlinux /boot/vmlinuz "
 END = b"\n# hook-cmdline-area end\n"
+#: Smee's region after the cmdline area: the placeholder, then room for a patch longer than it.
+SMEE_SIZE = 2048
+#: Tinkerbell's ISO placeholder (Smee's isoMagicString, Hook's template cmdline): 1024 bytes of [a-z0-9].
+SMEE_MAGIC = (
+    b"464vn90e7rbj08xbwdjejmdf4it17c5zfzjyfhthbh19eij201hjgit021bmpdb9ctrc87x2ymc8e7icu4ffi15x1hah9iya"
+    b"iz38ckyap8hwx2vt5rm44ixv4hau8iw718q5yd019um5dt2xpqqa2rjtdypzr5v1gun8un110hhwp8cex7pqrh2ivh0ynpm4"
+    b"zkkwc8wcn367zyethzy7q8hzudyeyzx3cgmxqbkh825gcak7kxzjbgjajwizryv7ec1xm2h0hh7pz29qmvtgfjj1vphpgq1z"
+    b"cbiiehv52wrjy9yq473d9t1rvryy6929nk435hfx55du3ih05kn5tju3vijreru1p6knc988d4gfdz28eragvryq5x8aibe5"
+    b"trxd0t6t7jwxkde34v6pj1khmp50k6qqj3nzgcfzabtgqkmeqhdedbvwf3byfdma4nkv3rcxugaj2d0ru30pa2fqadjqrtjn"
+    b"v8bu52xzxv7irbhyvygygxu1nt5z4fh9w1vwbdcmagep26d298zknykf2e88kumt59ab7nq79d8amnhhvbexgh48e8qc61vq"
+    b"2e9qkihzt1twk1ijfgw70nwizai15iqyted2dt9gfmf2gg7amzufre79hwqkddc1cd935ywacnkrnak6r7xzcz7zbmq3kt04"
+    b"u2hg1iuupid8rt4nyrju51e6uejb2ruu36g9aibmz3hnmvazptu8x5tyxk820g2cdpxjdij766bt2n3djur7v623a2v44juy"
+    b"fgz80ekgfb9hkibpxh3zgknw8a34t4jifhf116x15cei9hwch0fye3xyq0acuym8uhitu5evc4rag3ui0fny3qg4kju7zkfy"
+    b"y8hwh537urd5uixkzwu5bdvafz4jmv7imypj543xg5em8jk8cgk7c4504xdd5e4e71ihaumt6u5u2t1w7um92fepzae8p0vq"
+    b"93wdrd1756npu1pziiur1payc7kmdwyxg3hj5n4phxbc29x0tcddamjrwt260b0w"
+)
+
 #: What every version of the marker starts with: a file with two of these is refused.
 MARKER_PREFIX = b"# hook-cmdline-area v"
-_MARKER_LINE = re.compile(rb"# hook-cmdline-area v(\d+) size=(\d+)\n")
+_MARKER_LINE = re.compile(rb"# hook-cmdline-area v(\d+) size=(\d+)(?: smee=(\d+))?\n")
 VOLUME_ID = "HOOK"
 GRUB_CFG = ("boot", "grub", "grub.cfg")
 DEFAULT_CMDLINE = "console=tty0 console={serial}"
@@ -74,8 +98,14 @@ SECTOR = 2048
 # --- the boot configuration ------------------------------------------------------------------------
 
 
-def grub_cfg(arch: Arch, area: bytes) -> bytes:
-    """/boot/grub/grub.cfg: the one configuration BIOS and UEFI GRUB read, with the cmdline area."""
+def smee_region(smee: bool) -> bytes:
+    """What follows the cmdline area: Smee's placeholder and its room, or only spaces."""
+    return (SMEE_MAGIC if smee else b"").ljust(SMEE_SIZE, b" ")
+
+
+def grub_cfg(arch: Arch, area: bytes, *, smee: bool = True) -> bytes:
+    """/boot/grub/grub.cfg: the one configuration BIOS and UEFI GRUB read, with the cmdline area
+    and Smee's region; its head is padded so that Smee's magic string starts a 2048-byte sector."""
     if len(area) != AREA_SIZE:
         raise HookError(f"internal: the cmdline area must be {AREA_SIZE} bytes, not {len(area)}")
     serial = (
@@ -88,16 +118,22 @@ def grub_cfg(arch: Arch, area: bytes) -> bytes:
     ) if arch is Arch.X86_64 else ""
     head = (
         "# Hook: the boot configuration of this ISO, read by GRUB on BIOS and on UEFI alike.\n"
-        "# The kernel command line is the fixed-size area after the `linux /boot/vmlinuz ` below;\n"
-        "# rewrite it in place (python -m tasks.iso patch ISO --cmdline ...; layout: hook's docs/iso.md).\n"
+        "# The kernel command line is the fixed-size area after the `linux /boot/vmlinuz ` below, then\n"
+        "# Tinkerbell's placeholder that Smee patches as it serves the ISO; rewrite the area in place\n"
+        "# (python -m tasks.iso patch ISO --cmdline ...; layout: hook's docs/iso.md).\n"
         "set timeout=0\n"
         "set default=hook\n"
         f"{serial}"
         f'menuentry "Hook ({arch})" --id hook {{\n'
         f'\techo "Hook: loading the kernel and the initramfs ({arch})"\n'
-    )
-    tail = "\tinitrd /boot/initramfs\n}\n"
-    return head.encode() + MARKER + area + END + tail.encode()
+    ).encode()
+    before_magic = len(head) + len(MARKER) + AREA_SIZE + 1
+    pad = -(before_magic + 2) % SECTOR  # a comment line of pad + 2 bytes: "#" ... "\n"
+    head = head[:head.index(b"set timeout")] + b"#" + b"-" * pad + b"\n" + head[head.index(b"set timeout"):]
+    tail = b"\tinitrd /boot/initramfs\n}\n"
+    if (len(head) + len(MARKER) + AREA_SIZE + 1) % SECTOR:
+        raise HookError("internal: Smee's region does not start a sector of grub.cfg")
+    return head + MARKER + area + b" " + smee_region(smee) + END + tail
 
 
 # --- finding and rewriting the area in an ISO -----------------------------------------------------------
@@ -105,16 +141,36 @@ def grub_cfg(arch: Arch, area: bytes) -> bytes:
 
 @dataclass(frozen=True)
 class Area:
-    """The cmdline area of one ISO: where it is and what it holds now."""
+    """The cmdline area of one ISO: where it is and what it holds now; and Smee's region after it."""
 
     path: Path
     offset: int
     size: int
     content: bytes
+    version: int = AREA_VERSION
+    #: Smee's region (v2): the placeholder, Smee's patch of it, or spaces; b"" for v1
+    smee: bytes = b""
 
     @property
     def cmdline(self) -> str:
         return decode(self.content)
+
+    @property
+    def placeholder(self) -> bool:
+        """Smee's magic string is there, unpatched."""
+        return self.smee.startswith(SMEE_MAGIC)
+
+    @property
+    def smee_cmdline(self) -> str:
+        """What Smee's region gives the kernel: its patch (the machine's parameters), or ""."""
+        return "" if self.placeholder else decode(self.smee)
+
+    def describe(self) -> str:
+        """The whole command line the ISO gives the kernel, Smee's part said as such."""
+        if self.version == 1 or not self.smee.strip():
+            return self.cmdline
+        smee = "<Smee's placeholder: patched as Smee serves the ISO>" if self.placeholder else self.smee_cmdline
+        return f"{self.cmdline} {smee}".strip()
 
 
 def _u32(data: bytes, at: int) -> int:
@@ -213,43 +269,70 @@ def locate(path: Path) -> Area:
             raise HookError(f"{path} is an ISO 9660 image, but not one that `doit iso` made: its /boot/grub/grub.cfg "
                             f"has no hook cmdline area (marker {MARKER_PREFIX.decode()!r}); nothing was changed")
         line = _MARKER_LINE.search(cfg)
-        if line is None or int(line.group(1)) != AREA_VERSION:
-            version = line.group(1).decode() if line else "?"
-            raise HookError(f"{path} has a cmdline area of version {version}; this hook writes version {AREA_VERSION} "
-                            "only: use the hook that made the ISO; nothing was changed")
-        at = cfg.find(MARKER)
+        version = int(line.group(1)) if line else 0
+        if line is None or version not in (1, AREA_VERSION):
+            raise HookError(f"{path} has a cmdline area of version {line.group(1).decode() if line else '?'}; this "
+                            f"hook reads versions 1 and {AREA_VERSION}: use the hook that made the ISO; nothing was "
+                            "changed")
+        marker = MARKER if version == AREA_VERSION else MARKER_V1
+        at = cfg.find(marker)
         if at < 0:
-            raise HookError(f"{path}: its cmdline area is not laid out as version {AREA_VERSION} says "
-                            f"({MARKER!r} expected); nothing was changed")
+            raise HookError(f"{path}: its cmdline area is not laid out as version {version} says "
+                            f"({marker!r} expected); nothing was changed")
         area_size = int(line.group(2))
-        content = cfg[at + len(MARKER):at + len(MARKER) + area_size]
-        if cfg[at + len(MARKER) + area_size:at + len(MARKER) + area_size + len(END)] != END:
+        smee_size = int(line.group(3) or 0) if version == AREA_VERSION else 0
+        content = cfg[at + len(marker):at + len(marker) + area_size]
+        smee_at = at + len(marker) + area_size + (1 if smee_size else 0)
+        smee = cfg[smee_at:smee_at + smee_size]
+        if cfg[smee_at + smee_size:smee_at + smee_size + len(END)] != END:
             raise HookError(f"{path}: its cmdline area is damaged (no end marker after {area_size} bytes); "
                             "nothing was changed")
-        if any(not 0x20 <= b <= 0x7E for b in content):
+        if any(not 0x20 <= b <= 0x7E for b in content + smee):
             raise HookError(f"{path}: its cmdline area holds bytes other than printable ASCII; nothing was changed")
         handle.seek(0)
         with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
             found = _count(data, MARKER_PREFIX)
-        offset = start + at + len(MARKER)
+        offset = start + at + len(marker)
         if found != [start + at]:
             raise HookError(f"{path} holds {len(found)} hook cmdline areas, not one (in /boot/grub/grub.cfg): "
                             "not an ISO that `doit iso` made; nothing was changed")
-    return Area(path, offset, area_size, content)
+    return Area(path, offset, area_size, content, version, smee)
 
 
-def patch(path: Path, cmdline: str) -> Area:
-    """Rewrite the cmdline area of a Hook ISO in place. Everything is checked first (the file, the
-    area, the cmdline); a refusal leaves the file as it was."""
+def smee_placeholders(path: Path) -> list[int]:
+    """Where Smee's magic string is in a file (byte offsets)."""
+    with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        return _count(data, SMEE_MAGIC)
+
+
+def check_smee_placeholder(path: Path) -> int:
+    """Smee patches the first match of each 32 KiB read of the ISO: the magic string must be there
+    once, and start a 2048-byte sector (an ISO's sectors never straddle those reads). Its offset."""
+    found = smee_placeholders(path)
+    if len(found) != 1 or found[0] % SECTOR:
+        raise HookError(f"{path}: Smee's placeholder is at bytes {found or 'nowhere'}, not once at the start of a "
+                        f"{SECTOR}-byte sector: Smee would not patch it; report this as a bug")
+    return found[0]
+
+
+def patch(path: Path, cmdline: str, *, drop_smee: bool = False) -> Area:
+    """Rewrite the cmdline area of a Hook ISO in place; Smee's region after it stays as it is (Smee
+    can still patch the placeholder), or with drop_smee becomes spaces (an ISO no Smee serves).
+    Everything is checked first (the file, the area, the cmdline); a refusal leaves the file as it was."""
     area = locate(path)
     data = encode(cmdline, area.size)
+    if drop_smee and area.version == 1:
+        raise HookError(f"{path} has a version 1 area, with no Smee region to drop: leave out --drop-smee")
     with open(area.path, "r+b") as handle:
         handle.seek(area.offset)
         handle.write(data)
+        if drop_smee:
+            handle.seek(area.offset + area.size + 1)
+            handle.write(smee_region(False))
         handle.flush()
         os.fsync(handle.fileno())
     done = locate(path)
-    if done.content != data:
+    if done.content != data or (drop_smee and done.smee != smee_region(False)):
         raise HookError(f"{path}: the cmdline area does not read back as written; write the ISO again")
     return done
 
@@ -276,8 +359,9 @@ def iso_record(settings: Settings, build: Build, arch: Arch) -> Path:
 
 def iso_config(settings: Settings, arch: Arch) -> dict[str, Any]:
     """The settings an ISO is made from (doit's config_changed); its files are the task's file_dep."""
-    return {"cmdline": expand(settings.iso_cmdline, arch), "source_date_epoch": settings.source_date_epoch,
-            "volume_id": VOLUME_ID, "area": [AREA_VERSION, AREA_SIZE]}
+    return {"cmdline": expand(settings.iso_cmdline, arch, smee=settings.iso_smee),
+            "source_date_epoch": settings.source_date_epoch, "volume_id": VOLUME_ID,
+            "area": [AREA_VERSION, AREA_SIZE, SMEE_SIZE], "smee": settings.iso_smee}
 
 
 def _stamp(kernel: Path, initrd: Path, arch: Arch) -> str:
@@ -290,14 +374,60 @@ def _stamp(kernel: Path, initrd: Path, arch: Arch) -> str:
     return f"hook-{digest.hexdigest()[:20]}.id"
 
 
+# --- Secure Boot: is the kernel signed? ----------------------------------------------------------------
+
+_CN = b"\x06\x03\x55\x04\x03"  # the DER of the OID commonName (2.5.4.3)
+
+
+def kernel_signers(kernel: Path) -> list[str] | None:
+    """The common names in a kernel's Authenticode signature (the PE certificate table): [] for a
+    signature without one, None for a kernel that is not signed (or not a PE file, no EFI stub).
+    Shim, under Secure Boot, starts a kernel signed by Debian's key (its built-in CA), by a key in
+    the firmware's db, or by a MOK; this reads which names signed it, it does not verify."""
+    with open(kernel, "rb") as handle:
+        head = handle.read(4096)
+        if head[:2] != b"MZ" or len(head) < 0x40:
+            return None
+        pe = struct.unpack_from("<I", head, 0x3C)[0]
+        if pe + 24 + 2 > len(head) or head[pe:pe + 4] != b"PE\0\0":
+            return None
+        optional = pe + 24
+        directories = optional + (112 if struct.unpack_from("<H", head, optional)[0] == 0x20B else 96)
+        offset, size = struct.unpack_from("<II", head, directories + 4 * 8)  # entry 4: certificates
+        if not size:
+            return None
+        handle.seek(offset)
+        table = handle.read(size)
+    names: list[str] = []
+    at = table.find(_CN)
+    while at >= 0 and at + 7 <= len(table):
+        length = table[at + 6]
+        value = table[at + 7:at + 7 + length]
+        if table[at + 5] in (0x0C, 0x13) and length < 0x80:  # UTF8String, PrintableString
+            name = value.decode("utf-8", "replace")
+            if name not in names:
+                names.append(name)
+        at = table.find(_CN, at + 1)
+    return names
+
+
+def secure_boot_line(kernel: Path, name: str) -> str:
+    """What the build log says of an ISO and Secure Boot."""
+    signers = kernel_signers(kernel)
+    if signers is None:
+        return (f"warning: {name}: the kernel is not signed: this ISO boots with Secure Boot off only "
+                "(sign it and enrol your key: docs/iso.md, Secure Boot)")
+    return f"{name}: Secure Boot: shim -> Debian's signed GRUB -> the kernel, signed by {', '.join(signers) or '?'}"
+
+
 def make_iso_file(*, tool_ref: str, kernel: Path, initrd: Path, arch: Arch, cmdline: str, target: Path,
-                  source_date_epoch: int) -> None:
+                  source_date_epoch: int, smee: bool = True) -> None:
     """Run the tool image: kernel, initramfs and grub.cfg in (a tar on its stdin), the ISO out (its
     stdout, into a temporary file renamed to target when all went well)."""
     for what, path in (("kernel", kernel), ("initramfs", initrd)):
         if not path.is_file():
             raise HookError(f"{what} {path} is missing: build the OS first (doit dev_dist, dist or debug_image)")
-    config = grub_cfg(arch, encode(cmdline))
+    config = grub_cfg(arch, encode(cmdline), smee=smee)
     stamp = _stamp(kernel, initrd, arch)
     docker = find_tool("docker")
     name = f"hook-iso-{uuid.uuid4().hex[:12]}"
@@ -367,8 +497,10 @@ def make_iso_file(*, tool_ref: str, kernel: Path, initrd: Path, arch: Arch, cmdl
             area = locate(partial)
         except HookError as exc:
             raise HookError(f"the ISO the tools made is not usable: {exc}") from None
-        if area.content != encode(cmdline):
+        if area.content != encode(cmdline) or area.smee != smee_region(smee):
             raise HookError("the ISO the tools made does not hold the cmdline it was given; report this as a bug")
+        if smee:
+            check_smee_placeholder(partial)
         partial.chmod(0o644)
         os.replace(partial, target)
     finally:
@@ -376,6 +508,7 @@ def make_iso_file(*, tool_ref: str, kernel: Path, initrd: Path, arch: Arch, cmdl
             partial.unlink()
     log_step(f"{target.name}: {target.stat().st_size} bytes in {time.monotonic() - started:.1f}s; "
              f"cmdline: {canonical(cmdline)}")
+    log_step(secure_boot_line(kernel, target.name))
 
 
 def make_iso(settings: Settings, build: Build, arch: Arch, record: Path) -> None:
@@ -383,9 +516,13 @@ def make_iso(settings: Settings, build: Build, arch: Arch, record: Path) -> None
     tool_ref = tools.recorded_ref(settings, TOOLS, "iso_tools")
     kernel, initrd = boot_files(settings, build, arch)
     target = iso_path(settings, build, arch)
-    make_iso_file(tool_ref=tool_ref, kernel=kernel, initrd=initrd, arch=arch,
-                  cmdline=expand(settings.iso_cmdline, arch), target=target,
-                  source_date_epoch=settings.source_date_epoch)
+    cmdline = expand(settings.iso_cmdline, arch, smee=settings.iso_smee)
+    if settings.iso_smee and serial_consoles(cmdline):
+        log_step(f"warning: iso_cmdline names console={serial_consoles(cmdline)[0]}: served by Smee, the kernel's "
+                 "serial console is that one whatever Smee gives (Linux takes the first ttyS named); leave the "
+                 "consoles to Smee ({consoles}), or set iso_smee=false")
+    make_iso_file(tool_ref=tool_ref, kernel=kernel, initrd=initrd, arch=arch, cmdline=cmdline, target=target,
+                  source_date_epoch=settings.source_date_epoch, smee=settings.iso_smee)
     digest = sha512(target)
     update_checksums(target.parent, {target.name: digest})
     stat = target.stat()
@@ -428,14 +565,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     change = sub.add_parser("patch", help="rewrite the ISO's kernel command line in place (no rebuild)")
     change.add_argument("iso", type=Path)
     change.add_argument("--cmdline", required=True, help="the new kernel command line (the whole of it)")
+    change.add_argument("--drop-smee", action="store_true",
+                        help="blank Smee's placeholder too (for an ISO that Tinkerbell's Smee will not serve)")
     args = parser.parse_args(argv)
     try:
         if args.command == "show":
             area = locate(args.iso)
-            print(area.content.decode("ascii").rstrip(" ") if args.raw else area.cmdline)
+            print(area.content.decode("ascii").rstrip(" ") if args.raw else area.describe())
         else:
-            area = patch(args.iso, args.cmdline)
-            print(f"patched {args.iso} ({area.size}-byte area at byte {area.offset}): {area.cmdline}")
+            area = patch(args.iso, args.cmdline, drop_smee=args.drop_smee)
+            print(f"patched {args.iso} ({area.size}-byte area at byte {area.offset}): {area.describe()}")
     except HookError as exc:
         message = str(exc)
         if args.command == "patch" and "nothing was changed" not in message:

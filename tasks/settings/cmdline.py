@@ -6,6 +6,8 @@ stage (tasks.media.iso) writes and reads the area with. Layout of the area: docs
 
 from __future__ import annotations
 
+import re
+
 from tasks.core.arch import Arch
 from tasks.core.errors import HookError
 
@@ -131,12 +133,29 @@ def decode(area: bytes) -> str:
     return " ".join(f'"{w}"' if " " in w else w for w in words if w)
 
 
-def expand(cmdline: str, arch: Arch) -> str:
-    """The iso_cmdline setting for one arch: {serial} becomes ttyS0 or ttyAMA0."""
-    return cmdline.replace("{serial}", arch.serial_console)
+#: {consoles} without Smee: the screen, and the arch's first serial port last (so /dev/console)
+CONSOLES = "console=tty0 console={serial}"
+
+
+def expand(cmdline: str, arch: Arch, *, smee: bool = True) -> str:
+    """The iso_cmdline setting for one arch: {consoles} becomes nothing when Smee gives the consoles
+    (smee: the ISO carries Smee's placeholder), else CONSOLES; {serial} becomes ttyS0 or ttyAMA0.
+
+    Nothing, because Linux's 8250 driver has one console for all its ports, taken by the first
+    console=ttyS<n> of the cmdline: a built-in console=ttyS0 would keep the kernel's lines off
+    Smee's console=ttyS1 (its last, the BMC's serial-over-LAN).
+    """
+    consoles = "" if smee else CONSOLES
+    return cmdline.replace("{consoles}", consoles).replace("{serial}", arch.serial_console).strip()
+
+
+def serial_consoles(cmdline: str) -> list[str]:
+    """The console=ttyS<n> words of a cmdline (after expand)."""
+    return re.findall(r"(?:^|\s)console=(ttyS\d+)", cmdline)
 
 
 def check_cmdline(cmdline: str) -> None:
     """Refuse, with one line, an iso_cmdline setting that cannot go into the area (any arch)."""
     for arch in Arch:
-        encode(expand(cmdline, arch))
+        for smee in (True, False):
+            encode(expand(cmdline, arch, smee=smee))
