@@ -76,13 +76,21 @@ def busybox() -> Path:
 
 @pytest.fixture(scope="session")
 def base_images(docker_engine: None) -> dict[str, str]:
-    """Locally made base images (no registry to pull from here); '{arch}' is amd64 or arm64."""
+    """Locally made base images (no registry to pull from here); '{arch}' is amd64 or arm64, each of
+    its own arch's content (the arm64 ones of Debian's arm64 packages, labelled with their rootfs)."""
     images = {"busybox": "local/busybox:{arch}", "python": "local/python-base:{arch}"}
     for name in images.values():
         for arch in ("amd64", "arm64"):
             ref = name.format(arch=arch)
-            if subprocess.run(["docker", "image", "inspect", ref], capture_output=True).returncode:
+            done = subprocess.run(["docker", "image", "inspect", "-f",
+                                   '{{.Architecture}} {{index .Config.Labels "org.hook.test.rootfs"}}', ref],
+                                  capture_output=True, text=True)
+            if done.returncode:
                 pytest.fail(f"base image {ref} missing: {SETUP}")
+            image_arch, rootfs = (done.stdout.split() + ["", ""])[:2]
+            if image_arch != arch or (arch == "arm64" and rootfs in ("", "<no value>")):
+                pytest.fail(f"base image {ref} is not of {arch} content (an older setup made the arm64 ones "
+                            f"of the amd64 rootfs): {SETUP}")
     return images
 
 
@@ -226,11 +234,23 @@ def worker_registry(registry_factory: Callable[..., Registry], test_os: dict, tm
 
 
 def push_worker(reg: Registry, test_os: dict, config: Path) -> str:
-    """Push the two stand-ins; the tink-worker's reference in that registry."""
+    """Push the two stand-ins as multi-arch indexes: the test OS's REF-amd64 and REF-arm64 (each of its
+    own arch) as REF-amd64 and REF-arm64, then REF = the index of the two (`docker buildx imagetools
+    create`), so a guest of either arch pulls its own. The tink-worker's reference in that registry."""
     reg.login(config)
     env = {**os.environ, "DOCKER_CONFIG": str(config)}
     for name in ("tink_agent", "tink_worker"):
         ref = f"{reg.addr}/hooktest/{name.replace('_', '-')}:test"
-        subprocess.run(["docker", "tag", test_os[name], ref], check=True, capture_output=True)
-        subprocess.run(["docker", "push", ref], check=True, capture_output=True, env=env)
+        sources = []
+        for arch in ("amd64", "arm64"):
+            local = f"{test_os[name]}-{arch}"
+            if subprocess.run(["docker", "image", "inspect", local], capture_output=True).returncode:
+                pytest.fail(f"test OS image {local} missing (an older test OS had no per-arch stand-ins): "
+                            "run hack/test-os.py")
+            subprocess.run(["docker", "tag", local, f"{ref}-{arch}"], check=True, capture_output=True)
+            subprocess.run(["docker", "push", f"{ref}-{arch}"], check=True, capture_output=True, env=env)
+            sources.append(f"{ref}-{arch}")
+        subprocess.run(["docker", "buildx", "imagetools", "create", "-t", ref, *sources], check=True,
+                       capture_output=True, env=env)
+        subprocess.run(["docker", "tag", test_os[name], ref], check=True, capture_output=True)  # as before: amd64
     return ref

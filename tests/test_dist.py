@@ -28,7 +28,8 @@ def _docker(*args: str, config: Path) -> subprocess.CompletedProcess[str]:
 def registry(registry_factory, tmp_path: Path, test_os: dict) -> tuple[Registry, Path]:  # noqa: ANN001
     """A registry with auth, logged in, holding the test OS's packages as multi-arch indexes.
 
-    The arm64 halves are the test OS's arm64-labelled copies (amd64 content: nothing arm64 boots here).
+    The arm64 halves are the test OS's arm64 package images (`<ref>-arm64`: real arm64 content, made
+    from Debian's arm64 debs and cross-built LinuxKit programs; nothing arm64 boots here).
     """
     reg = registry_factory(username="hook", password=PASSWORD)
     config = tmp_path / "docker-config"

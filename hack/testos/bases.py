@@ -1,6 +1,7 @@
-"""The base images of our two programs: python-slim (from $CACHE/python-rootfs.tar, the debootstrap
-base, extracted once) and hook-docker-base (python-slim + Debian's docker.io, containerd, runc,
-tini, iptables and busybox).
+"""The base images of our two programs, per arch: python-slim (amd64 from $CACHE/python-rootfs.tar, the
+debootstrap base; arm64 from $CACHE/python-rootfs-arm64.tar, Debian's arm64 packages unpacked by
+hack/setup-test-machine.sh; each extracted once) and hook-docker-base (python-slim + Debian's
+docker.io, containerd, runc, tini, iptables, kexec-tools and busybox of the same arch).
 """
 
 from __future__ import annotations
@@ -10,9 +11,10 @@ import tempfile
 from pathlib import Path
 
 from .common import (
+    AMD64,
     HOSTS,
-    LOADER,
     NSSWITCH,
+    Arch,
     Digests,
     Libraries,
     Rootfs,
@@ -41,16 +43,18 @@ PYTHON_DROP_EXT = (
 )
 
 
-def python_root(cache: Path, work: Path, digests: Digests) -> Path:
-    """$CACHE/python-rootfs.tar extracted to $CACHE/test-os/python-rootfs-<hash>/ (once per tar)."""
-    tar = cache / "python-rootfs.tar"
+def python_root(cache: Path, work: Path, digests: Digests, arch: Arch = AMD64) -> Path:
+    """$CACHE/python-rootfs.tar extracted to $CACHE/test-os/python-rootfs-<hash>/ (once per tar); arm64:
+    $CACHE/python-rootfs-arm64.tar to $CACHE/test-os/python-arm64-rootfs-<hash>/."""
+    tar = cache / ("python-rootfs.tar" if arch == AMD64 else f"python-rootfs-{arch.name}.tar")
     if not tar.is_file():
-        raise TestOsError(f"{tar} not found: run hack/setup-test-machine.sh (it debootstraps it)")
+        raise TestOsError(f"{tar} not found: run hack/setup-test-machine.sh (it makes it)")
     key = digests.of(tar)[:16]
-    final = work / f"python-rootfs-{key}"
+    prefix = "python-rootfs-" if arch == AMD64 else f"python-{arch.name}-rootfs-"
+    final = work / f"{prefix}{key}"
     if not final.is_dir():
-        step(f"python-slim: extracting {tar}")
-        for old in work.glob("python-rootfs-*"):
+        step(f"python-slim ({arch.name}): extracting {tar}")
+        for old in work.glob(f"{prefix}*"):
             shutil.rmtree(old, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(dir=work, prefix=".py-"))
         try:
@@ -62,10 +66,11 @@ def python_root(cache: Path, work: Path, digests: Digests) -> Path:
     return final
 
 
-def python_slim(pyroot: Path) -> Rootfs:
+def python_slim(pyroot: Path, arch: Arch = AMD64) -> Rootfs:
     """The smallest python3 we make: the interpreter, the stdlib minus tests/tk/idle/..., its libraries, CA certs."""
     fs = Rootfs()
-    for link, target in (("bin", "usr/bin"), ("sbin", "usr/sbin"), ("lib", "usr/lib"), ("lib64", "usr/lib64")):
+    links = (("bin", "usr/bin"), ("sbin", "usr/sbin"), ("lib", "usr/lib"))
+    for link, target in (*links, ("lib64", "usr/lib64")) if arch == AMD64 else links:
         fs.symlink(link, target)
     for d in ("dev", "proc", "sys", "run", "etc", "usr/local/bin", "var/lib", "var/log", "var/cache"):
         fs.dir(d)
@@ -75,8 +80,8 @@ def python_slim(pyroot: Path) -> Rootfs:
     version = "python3.11"
     exe = pyroot / "usr/bin" / version
     if not exe.is_file():
-        raise TestOsError(f"{exe} not found: python-rootfs.tar is not a bookworm python3 debootstrap; "
-                          "delete it and run hack/setup-test-machine.sh")
+        raise TestOsError(f"{exe} not found: {pyroot.name} is not a bookworm python3 root; "
+                          "delete its tar in the cache and run hack/setup-test-machine.sh")
     fs.file(f"usr/bin/{version}", exe)
     fs.symlink("usr/bin/python3", version)
     stdlib = pyroot / "usr/lib" / version
@@ -103,14 +108,18 @@ def python_slim(pyroot: Path) -> Rootfs:
     site = pyroot / "etc" / version
     if site.is_dir():
         fs.tree(site, f"etc/{version}")
-    libs = Libraries([pyroot])
-    loader = libs.find(LOADER)
+    libs = Libraries([pyroot], arch, fix=f"{pyroot.name} is incomplete: delete its tar in the cache and run "
+                                        "hack/setup-test-machine.sh")
+    loader = libs.find(arch.loader)
     if loader is None:
-        raise TestOsError(f"{LOADER} not in {pyroot}: python-rootfs.tar is incomplete; delete it and run "
+        raise TestOsError(f"{arch.loader} not in {pyroot}: its tar is incomplete; delete it and run "
                           "hack/setup-test-machine.sh")
-    fs.file(f"usr/lib/x86_64-linux-gnu/{LOADER}", loader, mode=0o755)
-    fs.symlink(f"usr/lib64/{LOADER}", f"/lib/x86_64-linux-gnu/{LOADER}")
-    add_libraries(fs, [exe, *dynload], libs, libdir="usr/lib/x86_64-linux-gnu", what="python-slim")
+    fs.file(f"usr/lib/{arch.triplet}/{arch.loader}", loader, mode=0o755)
+    if arch == AMD64:
+        fs.symlink(f"usr/lib64/{arch.loader}", f"/lib/{arch.triplet}/{arch.loader}")
+    else:  # /lib/ld-linux-aarch64.so.1, as Debian's libc6
+        fs.symlink(f"usr/{arch.interp.lstrip('/')}", f"{arch.triplet}/{arch.loader}")
+    add_libraries(fs, [exe, *dynload], libs, libdir=f"usr/lib/{arch.triplet}", what=f"python-slim ({arch.name})")
     # TLS: Debian's CA bundle and OpenSSL's configuration
     fs.file("etc/ssl/certs/ca-certificates.crt", pyroot / jail_resolve(pyroot, "etc/ssl/certs/ca-certificates.crt"))
     fs.file("etc/ssl/openssl.cnf", pyroot / "etc/ssl/openssl.cnf")
@@ -151,14 +160,18 @@ def docker_base(slim: Rootfs, x: dict[str, Path], libs: Libraries, busybox: Path
     for tool in ("iptables", "iptables-save", "iptables-restore", "ip6tables", "ip6tables-save",
                  "ip6tables-restore", "iptables-nft", "ip6tables-nft"):
         fs.symlink(f"usr/sbin/{tool}", "xtables-nft-multi")
-    xt = ipt / "usr/lib/x86_64-linux-gnu/xtables"
+    triplet = libs.arch.triplet
+    xt = ipt / f"usr/lib/{triplet}/xtables"
     extensions = sorted(xt.glob("*.so"))
+    if not extensions:
+        raise TestOsError(f"no xtables extensions in {xt}: the iptables deb is damaged; delete it and run again")
     for so in extensions:
-        fs.file(f"usr/lib/x86_64-linux-gnu/xtables/{so.name}", so)
+        fs.file(f"usr/lib/{triplet}/xtables/{so.name}", so)
     etc_eth = ipt / "etc/ethertypes"
     if etc_eth.is_file():
         fs.file("etc/ethertypes", etc_eth)
-    add_libraries(fs, [*elves, *extensions], libs, libdir="usr/lib/x86_64-linux-gnu", what="hook-docker-base")
+    add_libraries(fs, [*elves, *extensions], libs, libdir=f"usr/lib/{triplet}",
+                  what=f"hook-docker-base ({libs.arch.name})")
     busybox_links(fs, busybox, applets, at="usr/bin/busybox")
     fs.file("etc/group", data="root:x:0:\nnogroup:x:65534:\ndocker:x:999:\n")
     fs.dir("etc/docker")
@@ -167,10 +180,10 @@ def docker_base(slim: Rootfs, x: dict[str, Path], libs: Libraries, busybox: Path
 
 
 def base_images(pyroot: Path, x: dict[str, Path], libs: Libraries, busybox: Path, applets: list[str]) -> list[Image]:
-    """python-slim and hook-docker-base (FROM python-slim), amd64 and arm64-labelled."""
-    slim = Image(name="python-slim", refs=[PYTHON_SLIM.format(arch="amd64")], rootfs=python_slim(pyroot),
-                 cmd=["/usr/bin/python3"], arm64_refs=[PYTHON_SLIM.format(arch="arm64")])
-    docker = Image(name="hook-docker-base", refs=[DOCKER_BASE.format(arch="amd64")],
-                   rootfs=docker_base(slim.rootfs, x, libs, busybox, applets), base=slim,
-                   arm64_refs=[DOCKER_BASE.format(arch="arm64")])
+    """python-slim and hook-docker-base (FROM python-slim) of libs' arch (pyroot, x and busybox are of it too)."""
+    arch = libs.arch
+    slim = Image(name="python-slim", refs=[PYTHON_SLIM.format(arch=arch.name)], rootfs=python_slim(pyroot, arch),
+                 cmd=["/usr/bin/python3"], arch=arch.name)
+    docker = Image(name="hook-docker-base", refs=[DOCKER_BASE.format(arch=arch.name)],
+                   rootfs=docker_base(slim.rootfs, x, libs, busybox, applets), base=slim, arch=arch.name)
     return [slim, docker]

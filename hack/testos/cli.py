@@ -1,12 +1,13 @@
 """The command (hack/test-os.py): the options, and the run that puts the parts together in order
-(LinuxKit's source and programs, the debs, python's rootfs, the images, the manifest)
-under the cache's lock.
+(LinuxKit's source; per arch, amd64 then arm64: the programs, the debs, python's rootfs; the images,
+the manifest) under the cache's lock.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -18,7 +19,20 @@ from pathlib import Path
 from typing import Any
 
 from .bases import DOCKER_BASE, PYTHON_SLIM, base_images, python_root
-from .common import HACK, Digests, TestOsError, atomic_write, busybox_applets, human, locked, run, step
+from .common import (
+    AMD64,
+    ARCHES,
+    HACK,
+    Arch,
+    Digests,
+    TestOsError,
+    atomic_write,
+    busybox_applets,
+    human,
+    locked,
+    run,
+    step,
+)
 from .debs import debs, libraries
 from .engine import BUILD_IMAGE, Engine, Image
 from .linuxkit_pkgs import (
@@ -36,6 +50,23 @@ DEFAULT_PROJECT = HACK.parent
 DEFAULT_CACHE = "/var/cache/hook-test"
 DEFAULT_LINUXKIT_SRC_DIR = "/work/shared/linuxkit/src"
 DEFAULT_GO = "/usr/lib/go-1.24/bin/go"
+
+ARM64_SCHEME = (
+    "Every image exists per arch, each of its own arch's content (arm64: Debian's arm64 debs, LinuxKit's Go "
+    "programs cross-built with GOARCH=arm64, python from python-rootfs-arm64.tar). LinuxKit packages and "
+    "the workloads (tink_worker, tink_agent, action): <ref>-arm64 and <ref>-amd64 (<ref> itself is the amd64 "
+    "image), as `linuxkit pkg` tags per-arch images, so a registry holds <ref> as the index of the two; "
+    "python-slim and hook-docker-base: {arch} in the tag")
+
+
+@dataclasses.dataclass
+class Parts:
+    """What one arch's images are made of: LinuxKit's programs, the extracted debs, python's root."""
+
+    arch: Arch
+    bins: dict[str, Path]
+    x: dict[str, Path]
+    pyroot: Path
 
 
 class TestOs:
@@ -66,30 +97,45 @@ class TestOs:
 
     def remove_leftovers(self) -> None:
         """Temporary directories of a run that was killed (this run holds the lock: none is in use)."""
-        for parent in (self.work, self.work / "debx", self.cache / "linuxkit-src",
-                       self.cache / "debs"):
+        for parent in (self.work, self.work / "debx", self.work / "debx-arm64", self.cache / "linuxkit-src",
+                       self.cache / "debs", self.cache / "debs-arm64"):
             with contextlib.suppress(OSError):
                 for p in parent.iterdir():
                     if p.name.startswith((".x-", ".py-", ".bin-", ".stage-", ".download-", ".unpack-", ".linuxkit-")) \
                             or re.match(r"\..*\.old-\d+$", p.name):
                         shutil.rmtree(p, ignore_errors=True)
 
-    # 4. the images, in this order: the packages, python-slim, hook-docker-base, the workloads
-    def images(self, src: Path, bins: dict[str, Path], x: dict[str, Path], pyroot: Path) -> list[Image]:
+    # 1-3. one arch's programs, debs and python root
+    def parts(self, src: Path, arch: Arch) -> Parts:
+        return Parts(arch, programs(src, self.go, self.cache, self.work, self.digests, arch),
+                     debs(self.cache, self.work, arch), python_root(self.cache, self.work, self.digests, arch))
+
+    # 4. the images, per arch (amd64 first) in this order: the packages, python-slim, hook-docker-base,
+    # the workloads
+    def images(self, src: Path, every: list[Parts]) -> list[Image]:
         tags = package_tags(self.project)
-        libs = libraries(x)
-        busybox = x["busybox-static"] / "bin" / "busybox"
-        applets = busybox_applets(busybox, self.work, self.digests)
-        images = package_images(src, tags, bins, x, libs, busybox, applets, pyroot)
-        bases = base_images(pyroot, x, libs, busybox, applets)
-        images += bases
-        images += workload_images(busybox, applets, bases[0])
+        images: list[Image] = []
+        amd64_applets: tuple[str, list[str]] | None = None
+        for p in every:
+            libs = libraries(p.x, p.arch)
+            busybox = p.x["busybox-static"] / "bin" / "busybox"
+            if p.arch == AMD64:
+                applets = busybox_applets(busybox, self.work, self.digests)
+                amd64_applets = (deb_version(p.x["busybox-static"]), applets)
+            else:
+                applets = foreign_applets(p, amd64_applets)
+            images += package_images(src, tags, p.bins, p.x, libs, busybox, applets, p.pyroot)
+            bases = base_images(p.pyroot, p.x, libs, busybox, applets)
+            images += bases
+            images += workload_images(busybox, applets, bases[0])
         return images
 
     # 5. the manifest
     def manifest(self, src: Path, images: list[Image], now: dict[str, dict[str, Any]]) -> dict[str, Any]:
-        packages = {i.name: [r for r in i.refs if not r.endswith("-amd64")]
-                    for i in images if i.ref.startswith(PKG_ORG)}
+        packages = {i.name: plain_refs(i) for i in images if i.ref.startswith(PKG_ORG) and i.arch == "amd64"}
+        arm64 = {i.name: i for i in images if i.arch == "arm64"}
+        pairs = {r: a for i in images if i.arch == "amd64" and i.name in arm64
+                 for r, a in zip(plain_refs(i), arm64[i.name].refs, strict=False)}
         sizes: dict[str, int] = {}
         for image in images:
             sizes[image.ref] = now[image.ref]["size"]
@@ -104,11 +150,9 @@ class TestOs:
             "linuxkit_src": str(src),
             "packages": {k: v[0] if len(v) == 1 else v for k, v in sorted(packages.items())},
             "arm64": {
-                "scheme": "LinuxKit packages: <ref>-arm64 (the amd64 content with the arm64 label; "
-                          "<ref>-amd64 is the same image as <ref>), as `linuxkit pkg` tags per-arch images; "
-                          "python-slim and hook-docker-base: {arch} in the tag",
+                "scheme": ARM64_SCHEME,
                 "per_arch": "{ref}-{arch}",
-                "images": {r: a for i in images for r, a in zip(i.refs, i.arm64_refs, strict=False)},
+                "images": pairs,
             },
             "sizes": sizes,
             "keys": {i.ref: i.key for i in images},
@@ -124,31 +168,53 @@ class TestOs:
             try:
                 self.remove_leftovers()
                 src = linuxkit_src(self.cache, self.src_dir, self.digests)
-                bins = programs(src, self.go, self.cache, self.work, self.digests)
-                x = debs(self.cache, self.work)
-                pyroot = python_root(self.cache, self.work, self.digests)
+                every = [self.parts(src, arch) for arch in ARCHES]
                 step("images: computing content keys")
-                images = self.images(src, bins, x, pyroot)
+                images = self.images(src, every)
                 now = self.engine.make_images(images, self.digests)
                 manifest = self.manifest(src, images, now)
             finally:
                 self.digests.save()
         for image in images:
             own = f", {human(image.rootfs.size())} of its own" if image.base else ""
-            step(f"  {image.ref}: {human(manifest['sizes'][image.ref])}{own}")
+            step(f"  {image.ref} ({image.arch}): {human(manifest['sizes'][image.ref])}{own}")
         step(f"manifest: {self.cache / 'test-os.json'} ({len(self.engine.built)} builds, "
              f"{time.monotonic() - started:.1f}s)")
         return 0
+
+
+def plain_refs(image: Image) -> list[str]:
+    """An amd64 image's references without the per-arch -amd64 tags."""
+    return [r for r in image.refs if not r.endswith("-amd64")]
+
+
+def deb_version(extracted: Path) -> str:
+    """The version of an extracted deb (its directory is named as the .deb: NAME_VERSION_ARCH), epoch colon
+    restored."""
+    return extracted.name.split("_")[1].replace("%3a", ":")
+
+
+def foreign_applets(p: Parts, amd64: tuple[str, list[str]] | None) -> list[str]:
+    """The applets of a foreign arch's busybox, which is never run here: those of the amd64 busybox of the
+    same Debian source version (Debian builds busybox-static with one configuration for every arch)."""
+    if amd64 is None:
+        raise TestOsError("the amd64 parts must come first: a bug in hack/testos/cli.py")
+    theirs = deb_version(p.x["busybox-static"])
+    if re.sub(r"\+b\d+$", "", theirs) != re.sub(r"\+b\d+$", "", amd64[0]):
+        raise TestOsError(f"busybox-static is {amd64[0]} for amd64 but {theirs} for {p.arch.name} (the applet "
+                          f"links of the {p.arch.name} one are those of the amd64 one): run `apt-get update`, so "
+                          "both arches' lists are of the same state of the mirror")
+    return amd64[1]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="hack/test-os.py",
         description="Make, in the local docker engine, LinuxKit's package images (org hooktest/linuxkit), the "
-                    "python-slim, hook-docker-base, tink-worker and action test images from Debian "
-                    "packages and LinuxKit's sources, so that `doit dev_dist` with the real LinuxKit builds a Hook "
-                    "OS that boots here. Cached: a run with nothing changed builds nothing. Writes "
-                    "$CACHE/test-os.json. See docs/test-os.md.")
+                    "python-slim, hook-docker-base, tink-worker, tink-agent and action test images, amd64 and "
+                    "arm64, from Debian packages and LinuxKit's sources, so that `doit dev_dist` with the real "
+                    "LinuxKit builds a Hook OS that boots here. Cached: a run with nothing changed builds "
+                    "nothing. Writes $CACHE/test-os.json. See docs/test-os.md.")
     parser.add_argument("--cache", type=Path, default=Path(os.environ.get("HOOK_TEST_CACHE") or DEFAULT_CACHE),
                         help="cache directory (default: $HOOK_TEST_CACHE or %(default)s)")
     parser.add_argument("--project", type=Path, default=DEFAULT_PROJECT,

@@ -1,5 +1,6 @@
-"""The plumbing of hack/test-os.py: errors and output, files, the digest memo, ELF needs and
-libraries, root filesystems as lists of entries, busybox, the alpine-baselayout stand-in, the lock.
+"""The plumbing of hack/test-os.py: errors and output, files, the digest memo, the target arches
+(Arch: AMD64, ARM64), ELF needs, machine checks and libraries, root filesystems as lists of entries,
+busybox, the alpine-baselayout stand-in, the lock.
 
 Everything else in the package builds on this module; it imports none of them.
 """
@@ -33,8 +34,41 @@ MTIME = 1492533000
 #: Bump to rebuild everything after a change that the content keys cannot see.
 RECIPE_VERSION = "1"
 
-LIB_DIRS = ("lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu", "lib64", "usr/lib64", "lib", "usr/lib")
-LOADER = "ld-linux-x86-64.so.2"
+
+
+@dataclasses.dataclass(frozen=True)
+class Arch:
+    """A target architecture: Debian's and docker's name, the GNU triplet, the glibc loader, the ELF machine."""
+
+    name: str
+    triplet: str
+    #: the loader's path, as each dynamic program's PT_INTERP names it
+    interp: str
+    #: ELF e_machine of every program and library of this arch
+    machine: int
+    #: where Libraries looks for a soname, in this order
+    lib_dirs: tuple[str, ...]
+    #: the C compiler for the static programs (rngd's cgo, usermode-helper)
+    cc: str
+    #: the Debian packages that hold `cc` and its static libc (the fix when it is missing)
+    cc_debs: str
+
+    @property
+    def loader(self) -> str:
+        return self.interp.rsplit("/", 1)[1]
+
+    @property
+    def uname(self) -> str:
+        return self.triplet.split("-")[0]
+
+
+AMD64 = Arch("amd64", "x86_64-linux-gnu", "/lib64/ld-linux-x86-64.so.2", 0x3E,
+             ("lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu", "lib64", "usr/lib64", "lib", "usr/lib"),
+             "gcc", "gcc libc6-dev")
+ARM64 = Arch("arm64", "aarch64-linux-gnu", "/lib/ld-linux-aarch64.so.1", 0xB7,
+             ("lib/aarch64-linux-gnu", "usr/lib/aarch64-linux-gnu", "lib", "usr/lib"),
+             "aarch64-linux-gnu-gcc", "gcc-aarch64-linux-gnu libc6-dev-arm64-cross")
+ARCHES = (AMD64, ARM64)
 
 PASSWD = """\
 root:x:0:0:root:/root:/bin/sh
@@ -198,6 +232,23 @@ def jail_resolve(root: Path, rel: str, *, depth: int = 0) -> str:
 
 # --- ELF ----------------------------------------------------------------------------------------
 
+def elf_machine(path: Path) -> int | None:
+    """ELF e_machine of a file (0x3E x86_64, 0xB7 aarch64); None when not ELF."""
+    with open(path, "rb") as f:
+        head = f.read(20)
+    if len(head) < 20 or head[:4] != b"\x7fELF":
+        return None
+    return int(struct.unpack_from("<H", head, 18)[0])
+
+
+def check_machine(path: Path, arch: Arch, what: str) -> None:
+    """Refuse an ELF file of another arch (an amd64 library in an arm64 image, say)."""
+    machine = elf_machine(path)
+    if machine is not None and machine != arch.machine:
+        raise TestOsError(f"{what}: {path} is not {arch.uname} (ELF machine {machine:#x}, want {arch.machine:#x}): "
+                          "a damaged cache or a bug in hack/testos/; delete the file and run again")
+
+
 def elf_needs(path: Path) -> tuple[str | None, list[str]] | None:
     """(interpreter, DT_NEEDED names) of an ELF64 little-endian file; None when not ELF."""
     with open(path, "rb") as f:
@@ -205,7 +256,8 @@ def elf_needs(path: Path) -> tuple[str | None, list[str]] | None:
         if len(head) < 64 or head[:4] != b"\x7fELF":
             return None
         if head[4] != 2 or head[5] != 1:
-            raise TestOsError(f"{path}: not a 64-bit little-endian ELF file: only x86_64 content is made here")
+            raise TestOsError(f"{path}: not a 64-bit little-endian ELF file: only x86_64 and aarch64 content is "
+                              "made here")
         phoff = struct.unpack_from("<Q", head, 32)[0]
         phentsize, phnum = struct.unpack_from("<HH", head, 54)
         f.seek(phoff)
@@ -249,17 +301,20 @@ def elf_needs(path: Path) -> tuple[str | None, list[str]] | None:
 
 
 class Libraries:
-    """Finds shared libraries by soname in some root trees (extracted debs), then on the host."""
+    """Finds shared libraries of one arch by soname in some root trees (extracted debs, and for amd64 the host)."""
 
-    def __init__(self, roots: Sequence[Path]) -> None:
+    def __init__(self, roots: Sequence[Path], arch: Arch = AMD64, *, fix: str = "") -> None:
         self.roots = list(roots)
+        self.arch = arch
+        #: what to do when a soname is found nowhere
+        self.fix = fix or "add the Debian package that has it to DEBS in hack/testos/debs.py"
         self.cache: dict[str, Path | None] = {}
 
     def find(self, soname: str) -> Path | None:
         if soname not in self.cache:
             self.cache[soname] = None
             for root in self.roots:
-                for libdir in LIB_DIRS:
+                for libdir in self.arch.lib_dirs:
                     rel = f"{libdir}/{soname}"
                     if (root / rel).exists() or (root / rel).is_symlink():
                         real = root / jail_resolve(root, rel)
@@ -417,34 +472,41 @@ class Rootfs:
                 out.addfile(info, io.BytesIO(e.data or b""))
 
 
-def add_libraries(fs: Rootfs, binaries: Iterable[Path], libs: Libraries, *, libdir: str = "lib/x86_64-linux-gnu",
+def add_libraries(fs: Rootfs, binaries: Iterable[Path], libs: Libraries, *, libdir: str | None = None,
                   what: str) -> None:
-    """Add the shared libraries (and the loader) the ELF files need, transitively, unless fs (or its base) has them."""
+    """Add the shared libraries (and the loader) the ELF files need, transitively, unless fs (or its base) has
+    them; every file must be of libs' arch (its ELF machine), and so must every library found."""
+    arch = libs.arch
+    libdir = libdir or f"lib/{arch.triplet}"
     todo = list(binaries)
     seen: set[str] = set()
     while todo:
-        info = elf_needs(todo.pop())
+        path = todo.pop()
+        check_machine(path, arch, what)
+        info = elf_needs(path)
         if info is None:
             continue
         interp, needed = info
-        if interp and interp != f"/lib64/{LOADER}":
-            raise TestOsError(f"{what}: unexpected ELF interpreter {interp}: only x86_64 glibc programs are handled")
-        if interp and not fs.has(f"lib64/{LOADER}"):
-            loader = libs.find(LOADER)
+        if interp and interp != arch.interp:
+            raise TestOsError(f"{what}: unexpected ELF interpreter {interp} in {path}: only {arch.uname} glibc "
+                              f"programs ({arch.interp}) are handled")
+        if interp and not fs.has(arch.interp.lstrip("/")):
+            loader = libs.find(arch.loader)
             if loader is None:
-                raise TestOsError(f"{what}: {LOADER} not found: add libc6 to DEBS in hack/testos/debs.py")
-            fs.file(f"lib64/{LOADER}", loader, mode=0o755)
+                raise TestOsError(f"{what}: {arch.loader} not found: add libc6 to DEBS in hack/testos/debs.py")
+            check_machine(loader, arch, what)
+            fs.file(arch.interp.lstrip("/"), loader, mode=0o755)
         for soname in needed:
             if soname in seen:
                 continue
             seen.add(soname)
-            if fs.has(f"{libdir}/{soname}") or fs.has(f"usr/lib/x86_64-linux-gnu/{soname}") \
-                    or fs.has(f"lib/x86_64-linux-gnu/{soname}"):
+            if fs.has(f"{libdir}/{soname}") or fs.has(f"usr/lib/{arch.triplet}/{soname}") \
+                    or fs.has(f"lib/{arch.triplet}/{soname}"):
                 continue
             found = libs.find(soname)
             if found is None:
-                raise TestOsError(f"{what}: shared library {soname} not found in the downloaded debs or on this host: "
-                                  "add the Debian package that has it to DEBS in hack/testos/debs.py")
+                raise TestOsError(f"{what}: shared library {soname} ({arch.name}) not found in the downloaded debs"
+                                  f"{' or on this host' if Path('/') in libs.roots else ''}: {libs.fix}")
             fs.file(f"{libdir}/{soname}", found)
             todo.append(found)
 

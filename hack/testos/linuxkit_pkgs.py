@@ -1,7 +1,8 @@
 """LinuxKit's packages: its v1.8.2 source (unpacked and patched once), its Go programs (and
-usermode-helper), the package tags the project's configs name, and the package images (init, runc,
-containerd, ca-certificates, sysctl, sysfs, modprobe, dhcpcd, getty, rngd, openntpd, sshd)
-under hooktest/linuxkit.
+usermode-helper) per arch (arm64: cross-built, GOARCH=arm64, cgo with aarch64-linux-gnu-gcc), the
+package tags the project's configs name, and the package images (init, runc, containerd,
+ca-certificates, sysctl, sysfs, modprobe, dhcpcd, getty, rngd, openntpd, sshd) under
+hooktest/linuxkit, each per arch from that arch's programs and debs.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from .common import (
+    AMD64,
     ASSETS,
     RECIPE_VERSION,
+    Arch,
     Digests,
     Libraries,
     Rootfs,
@@ -27,6 +30,7 @@ from .common import (
     add_libraries,
     baselayout,
     busybox_links,
+    check_machine,
     jail_resolve,
     replace_dir,
     run,
@@ -151,11 +155,18 @@ def linuxkit_src(cache: Path, src_dir: Path, digests: Digests) -> Path:
     return final
 
 
-def programs(src: Path, go: Path, cache: Path, work: Path, digests: Digests) -> dict[str, Path]:
-    """LinuxKit's Go programs (and usermode-helper) in $CACHE/test-os/bin: {name: path}."""
+def programs(src: Path, go: Path, cache: Path, work: Path, digests: Digests, arch: Arch = AMD64) -> dict[str, Path]:
+    """LinuxKit's Go programs (and usermode-helper) of arch in $CACHE/test-os/bin (bin-arm64): {name: path}.
+    arm64 is cross-built: GOARCH=arm64, CGO_ENABLED=0 as for amd64, and rngd's cgo (as LinuxKit,
+    which needs cgo for it on arm64 too) and usermode-helper with aarch64-linux-gnu-gcc -static."""
     if not os.access(go, os.X_OK):
         raise TestOsError(f"go not found at {go}: apt-get install -t trixie golang-1.24-go "
                           "(see TEST-MACHINE.md), or pass --go PATH")
+    cross = arch != AMD64
+    cc = shutil.which(arch.cc)
+    if cross and cc is None:
+        raise TestOsError(f"{arch.cc} not found (rngd for {arch.name} needs cgo): apt-get install "
+                          f"{arch.cc_debs} (hack/setup-test-machine.sh does)")
     pkg = src / "pkg"
     ldflags = "-s -w"
     builds: list[tuple[str, Path, list[str], dict[str, str]]] = [
@@ -168,17 +179,21 @@ def programs(src: Path, go: Path, cache: Path, work: Path, digests: Digests) -> 
         ("rngd", pkg / "rngd", ["-ldflags", f"{ldflags} -extldflags -static", "./cmd/rngd"],
          {"CGO_ENABLED": "1", "CGO_CFLAGS_ALLOW": "-mrdrnd|-mrdseed"}),
     ]
-    key = hashlib.sha256(json.dumps([
+    cross_env = {"GOOS": "linux", "GOARCH": arch.name, "CC": arch.cc} if cross else {}
+    recipe: list[Any] = [
         RECIPE_VERSION, (src / ".test-os-key").read_text(), digests.of(go.resolve()),
         [(n, str(d.relative_to(src)), a, e) for n, d, a, e in builds],
         digests.of(pkg / "init/usermode-helper.c"),
-    ]).encode()).hexdigest()
-    out = work / "bin"
+    ]
+    if cross:  # (amd64's key stays what it was)
+        recipe += [cross_env, digests.of(Path(cc).resolve()) if cc else ""]
+    key = hashlib.sha256(json.dumps(recipe).encode()).hexdigest()
+    out = work / ("bin" if not cross else f"bin-{arch.name}")
     names = [b[0] for b in builds]
     stamp = out / ".key"
     if stamp.is_file() and stamp.read_text() == key and all((out / n).is_file() for n in names):
-        step(f"programs: {', '.join(names)}{', usermode-helper' if (out / 'usermode-helper').exists() else ''} "
-             "(up to date)")
+        step(f"programs ({arch.name}): {', '.join(names)}"
+             f"{', usermode-helper' if (out / 'usermode-helper').exists() else ''} (up to date)")
         return {p.name: p for p in out.iterdir() if not p.name.startswith(".")}
     work.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=work, prefix=".bin-"))
@@ -188,23 +203,26 @@ def programs(src: Path, go: Path, cache: Path, work: Path, digests: Digests) -> 
         gocache.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "GOCACHE": str(gocache), "GOPATH": str(gopath), "GOTOOLCHAIN": "local",
                "GOPROXY": "off", "GOFLAGS": "-buildvcs=false", "GOTELEMETRY": "off", "CGO_ENABLED": "0",
-               "PATH": f"{go.parent}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
+               "PATH": f"{go.parent}:{os.environ.get('PATH', '/usr/bin:/bin')}", **cross_env}
         for name, moddir, args, extra in builds:
             started = time.monotonic()
             mod = ["-mod=vendor"] if (moddir / "vendor").is_dir() else ["-mod=mod"]
             has_ldflags = "-ldflags" in args
             argv = [str(go), "build", "-trimpath", *mod, *([] if has_ldflags else ["-ldflags", ldflags]),
                     "-o", str(tmp / name), *args]
-            run(argv, cwd=moddir, env={**env, **extra}, what=f"go build of {name} ({moddir.relative_to(src)})",
+            run(argv, cwd=moddir, env={**env, **extra},
+                what=f"go build of {name} ({moddir.relative_to(src)}, {arch.name})",
                 fix=f"see the compiler output above; GOCACHE is {gocache}")
-            step(f"programs: built {name} ({time.monotonic() - started:.1f}s)")
+            check_machine(tmp / name, arch, f"go build of {name}")
+            step(f"programs: built {name} ({arch.name}, {time.monotonic() - started:.1f}s)")
         helper = pkg / "init" / "usermode-helper.c"
         try:
-            run(["gcc", "-static", "-O2", "-s", "-Werror", "-o", str(tmp / "usermode-helper"), str(helper)],
-                what="gcc -static usermode-helper.c", fix="apt-get install gcc libc6-dev")
-            step("programs: built usermode-helper (gcc -static)")
+            run([arch.cc, "-static", "-O2", "-s", "-Werror", "-o", str(tmp / "usermode-helper"), str(helper)],
+                what=f"{arch.cc} -static usermode-helper.c", fix=f"apt-get install {arch.cc_debs}")
+            check_machine(tmp / "usermode-helper", arch, "usermode-helper")
+            step(f"programs: built usermode-helper ({arch.cc} -static)")
         except TestOsError as exc:
-            step(f"programs: usermode-helper skipped ({exc}); the init image will have none")
+            step(f"programs: usermode-helper ({arch.name}) skipped ({exc}); the init image will have none")
         (tmp / ".key").write_text(key)
         os.chmod(tmp, 0o755)
         replace_dir(tmp, out)
@@ -215,9 +233,13 @@ def programs(src: Path, go: Path, cache: Path, work: Path, digests: Digests) -> 
 
 def package_images(src: Path, tags: dict[str, list[str]], bins: dict[str, Path], x: dict[str, Path],
                    libs: Libraries, busybox: Path, applets: list[str], pyroot: Path) -> list[Image]:
-    """The package images the configs name (tags), each under every tag, -amd64 and -arm64."""
+    """The package images of libs' arch the configs name (tags), each under every tag: amd64 as TAG and
+    TAG-amd64, arm64 as TAG-arm64 (`linuxkit pkg`'s per-arch tags)."""
+    arch = libs.arch
     pkg = src / "pkg"
     tini = x["tini"] / "usr/bin/tini-static"
+    for static in (tini, busybox, *bins.values()):
+        check_machine(static, arch, f"the {arch.name} package images")
     images: list[Image] = []
 
     def package(name: str, fs: Rootfs, **kw: Any) -> None:
@@ -225,8 +247,9 @@ def package_images(src: Path, tags: dict[str, list[str]], bins: dict[str, Path],
             return
         build_yml = pkg / name / "build.yml"
         plain = [f"{PKG_ORG}/{name}:{t}" for t in tags[name]]
-        images.append(Image(name=name, refs=plain + [f"{r}-amd64" for r in plain], rootfs=fs,
-                            config=linuxkit_config(build_yml), arm64_refs=[f"{r}-arm64" for r in plain], **kw))
+        refs = plain + [f"{r}-amd64" for r in plain] if arch == AMD64 else [f"{r}-{arch.name}" for r in plain]
+        images.append(Image(name=name, refs=refs, rootfs=fs, config=linuxkit_config(build_yml), arch=arch.name,
+                            **kw))
 
     known = {"init", "runc", "containerd", "ca-certificates", "sysctl", "sysfs", "modprobe",
              "dhcpcd", "getty", "rngd", "openntpd", "sshd"}
