@@ -404,6 +404,19 @@ def test_rollback_keep_and_roll_forward(project: Project, tmp_path: Path, serve:
     assert (root / "vmlinuz-aarch64").read_bytes() == builds["v3"]["vmlinuz-aarch64"]  # its link is back
 
 
+def test_rollback_goes_back_one_version_at_a_time(project: Project, tmp_path: Path) -> None:
+    root = tmp_path / "www"
+    for version in ("v1", "v2", "v3"):
+        build(project, version)
+        deploy(project, root)
+    deploy(project, root, "--rollback")
+    deploy(project, root, "--rollback")
+    assert current(root) == "v1" and state(root)["history"] == ["v1"]
+    build(project, "v4")
+    deploy(project, root)  # the versions rolled back from go now
+    assert sorted(p.name for p in root.iterdir() if p.is_dir() and not p.is_symlink()) == ["v1", "v4"]
+
+
 def test_a_served_name_that_was_a_plain_file_becomes_a_link(project: Project, tmp_path: Path) -> None:
     """A webroot set up by hand (the files themselves at the top) is taken over by the first deploy."""
     root = tmp_path / "www"
