@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from tasks.core.errors import HookError
+from tasks.deploy import stage
 from tasks.deploy.oci import push_artifacts
 from tasks.media.package import package, sha512, update_checksums
 from tasks.settings import load_settings
@@ -463,10 +464,12 @@ def test_artifact_images_push_and_deploy_byte_for_byte(project: Project, tmp_pat
     dist = project.out("dist/release")
     monkeypatch.setenv("DOCKER_CONFIG", str(config))
     org = f"{reg.addr}/hooktest"
-    pushed = push_artifacts(org, dist, tmp_path / "record.json", mtime=MTIME)
+    settings = load_settings(lambda name, default=None: {"org": org}.get(name, default),
+                             {"HOOK_VERSION": "v7", "SOURCE_DATE_EPOCH": str(MTIME)}, root=project.root)
+    stage.artifacts(settings)  # what `doit artifacts` runs, after package:release
+    pushed = json.loads(project.out("images/registry/hook-artifacts.json").read_text())["images"]
     ref, x86, arm = (f"{org}/{ARTIFACTS}:{tag}" for tag in ("v7", "v7-x86_64", "v7-aarch64"))
     assert sorted(pushed) == sorted([ref, x86, arm])
-    assert json.loads((tmp_path / "record.json").read_text()) == {"version": "v7", "images": pushed}
 
     listed = [line.split("  ")[1] for line in (dist / "checksum.txt").read_text().splitlines()]
     manifest = json.loads(_docker("buildx", "imagetools", "inspect", "--raw", ref, config=config))

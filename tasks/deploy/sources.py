@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -43,7 +44,7 @@ class Layout:
     def tarball(self, arch: Arch) -> str:
         return f"{self.prefix}_{arch}.tar.gz"
 
-    def arch_files(self, arch: Arch, names: list[str] | set[str] | dict[str, str]) -> list[str]:
+    def arch_files(self, arch: Arch, names: Iterable[str]) -> list[str]:
         """The files of one arch: its tarball and its ISO."""
         return sorted(n for n in names if n in (self.tarball(arch), f"{self.prefix}-{arch}.iso"))
 

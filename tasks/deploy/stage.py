@@ -101,8 +101,9 @@ def _unpack(tarball: Path, dest: Path, taken: set[str]) -> dict[str, str]:
     return found
 
 
-def _fill(source: Source, folder: Path, listing: dict[str, str], layout: Layout) -> None:
-    """The version folder, complete and checked: the build's files, the unpacked ones, checksum.txt."""
+def _fill(source: Source, folder: Path, listing: dict[str, str], layout: Layout) -> int:
+    """The version folder, complete and checked: the build's files, the unpacked ones, checksum.txt.
+    Returns how many files were unpacked."""
     fetched: dict[str, str] = {}  # sha512 -> the name it was fetched as: same bytes are linked, not copied twice
     for name in sorted(listing):
         if listing[name] in fetched:
@@ -122,6 +123,7 @@ def _fill(source: Source, folder: Path, listing: dict[str, str], layout: Layout)
     verify_checksums(folder, unpacked, where="the files unpacked from the tarballs")  # as they are on disk
     atomic_write_text(folder / webroot.CHECKSUMS, format_checksums({**listing, **unpacked}))
     _check_listing(folder)
+    return len(unpacked)
 
 
 def _check_listing(folder: Path) -> None:
@@ -172,9 +174,8 @@ def _install(settings: Settings, root: Path, state: webroot.State, source: Sourc
     else:
         folder = webroot.new_folder(root, version)
         try:
-            _fill(source, folder, listing, layout)
-            log_step(f"deploy: copied and checked {len(listing)} files, unpacked {len(layout.arches) * 2}, "
-                     f"into {folder.name}")
+            unpacked = _fill(source, folder, listing, layout)
+            log_step(f"deploy: copied and checked {len(listing)} files, unpacked {unpacked}, into {folder.name}")
             _pause("copied")
             webroot.install(root, state, folder, version)
         except BaseException:
