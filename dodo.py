@@ -34,8 +34,10 @@ from tasks.settings import SETTINGS, load_settings
 from tasks.settings.builds import (
     BUILDS,
     Build,
+    artifacts_record,
     bases_record,
     boot_files,
+    dist_dir,
     get_build,
     image_record,
     linuxkit_dir,
@@ -203,7 +205,7 @@ def task_package():
 
 def task_dist():
     """Release: push multi-arch images, build every arch from the registry, package out/dist/release/."""
-    return {"actions": None, "task_dep": ["package:release"]}
+    return {"actions": None, "task_dep": ["package:release", *(["artifacts"] if S.artifacts else [])]}
 
 
 def task_dev_dist():
@@ -345,9 +347,50 @@ def task_settings():
                 value = ",".join(a.value for a in S.arches) if S.arches else "(per build)"
             elif isinstance(value, tuple):
                 value = ",".join(value)
+            elif isinstance(value, bool):
+                value = "true" if value else "false"
             elif isinstance(value, dict):
                 value = ",".join(f"{k}={v}" for k, v in value.items())
             value = str(value) if value is not None else ""
             print(f"{setting.name:18} = {value or '':30} {setting.env:24} {setting.doc}")
 
     return {"actions": [show], "uptodate": [False], "verbosity": 2}
+
+
+def _deploy():  # noqa: ANN202 - the module
+    """tasks.deploy.stage, imported only when a task of it runs (dodo.py loads on every doit command)."""
+    from tasks.deploy import stage
+
+    return stage
+
+
+def task_artifacts():
+    """Push the release build's files as OCI images: <org>/hook-artifacts:<version> and :<version>-<arch>."""
+    return {
+        "file_dep": _relative([dist_dir(S, RELEASE) / "checksum.txt"]),  # every file's sha512: what is pushed
+        "targets": _relative([artifacts_record(S)]),
+        "uptodate": [config_changed({"org": S.org, "mtime": S.source_date_epoch})],
+        "actions": [action(lambda: _deploy().artifacts(S))],
+        "clean": True,
+    }
+
+
+def task_deploy():
+    """Install a build into a Tinkerbell webroot: doit deploy webroot=DIR [from=BUILD|FOLDER|IMAGE] [--rollback]."""
+
+    def run(rollback: bool) -> TaskFailed | None:
+        try:
+            _deploy().deploy(S, rollback=rollback)
+        except HookError as exc:
+            return TaskFailed(str(exc))
+        except KeyboardInterrupt:
+            return TaskFailed("interrupted: the current version still serves; run the same command again")
+        return None
+
+    return {
+        "actions": [run],
+        "params": [{"name": "rollback", "long": "rollback", "type": bool, "default": False,
+                    "help": "make the version deployed before the current one current again"}],
+        "uptodate": [False],
+        "verbosity": 2,
+    }

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from tasks.core.arch import Arch
 from tasks.core.errors import HookError
-from tasks.core.refs import ORG, REF
+from tasks.core.refs import ORG, REF, split_tag
+from tasks.settings.builds import BUILDS
 from tasks.settings.cmdline import check_cmdline
 from tasks.settings.embed_list import parse_setting as parse_embed_images
 
@@ -80,8 +81,17 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("iso_base", "", "hook-iso (ISO tools) BASE_IMAGE build arg, a Debian with apt; empty: Dockerfile's"),
     Setting("embed_images", "", "images in hook-docker's engine at boot: comma list of 'IMAGE [NAME]', or @FILE "
             "(one a line); local builds take them from the engine, dist from the registry (docs/embedded.md)"),
+    Setting("artifacts", "false", "doit dist also pushes the files as OCI images <org>/hook-artifacts:<version> "
+            "(every file) and :<version>-<arch>, one layer per file (true/false)"),
+    Setting("webroot", "", "doit deploy: the Tinkerbell webroot (the folder nginx serves) a build is installed into"),
+    Setting("deploy_keep", "3", "doit deploy: how many versions the webroot keeps, the current one included"),
+    Setting("deploy_from", "", "doit deploy (also from=): release, dev, debug, a folder, or an image "
+            "<org>/hook-artifacts:<version>[-<arch>]; empty: the release build, else the dev build"),
 )
+#: Shorter names a doit variable may use for a setting: `doit deploy from=REF`.
+ALIASES = {"from": "deploy_from"}
 SETTING_NAMES = frozenset(s.name for s in SETTINGS)
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0", "")
 
 
 @dataclass(frozen=True)
@@ -119,6 +129,12 @@ class Settings:
     kernel_src: str = ""
     kernel_src_sha256: str = ""
     kernel_config: str = ""
+    artifacts: bool = False
+    #: doit deploy: the webroot (None: not given), the versions it keeps, and where the build comes from:
+    #: "" (release, else dev), a build's name, a folder (absolute) or an image reference
+    webroot: Path | None = None
+    deploy_keep: int = 3
+    deploy_from: str = ""
     root: Path = ROOT
 
     @property
@@ -171,12 +187,25 @@ def _parse_build_args(text: str) -> dict[str, str]:
     return args
 
 
-def _bool(name: str, value: str) -> bool:
-    if value.lower() in ("true", "yes", "1", "on"):
-        return True
-    if value.lower() in ("false", "no", "0", "off"):
-        return False
+def _flag(name: str, value: str) -> bool:
+    if value.lower() in _TRUE + _FALSE:
+        return value.lower() in _TRUE
     raise HookError(f"setting {name}={value!r} is not true or false")
+
+
+def _deploy_from(text: str, root: Path) -> str:
+    """deploy_from: a build's name; a folder (made absolute); or an image reference with a tag or digest."""
+    if not text or text in BUILDS:
+        return text
+    folder = _path(text, root)
+    if text.startswith(("/", ".", "~")) or folder.is_dir():
+        if not folder.is_dir():
+            raise HookError(f"setting deploy_from={text!r}: no such folder")
+        return str(folder)
+    if REF.match(text) and "{" not in text and any(split_tag(text)[1:]):
+        return text
+    raise HookError(f"setting deploy_from={text!r} is not {', '.join(BUILDS)}, a folder, or an image reference "
+                    "with a tag (<org>/hook-artifacts:<version>)")
 
 
 def _check(name: str, value: str, pattern: re.Pattern[str], what: str) -> str:
@@ -197,7 +226,7 @@ def load_settings(
     `given` is the full set of doit variables, to refuse unknown names (typos) up front.
     """
     for name in given or {}:
-        if name not in SETTING_NAMES:
+        if name not in SETTING_NAMES and name not in ALIASES:
             close = [s for s in sorted(SETTING_NAMES) if s[:3] == name[:3]]
             hint = f" (did you mean {close[0]}?)" if close else ""
             raise HookError(f"unknown setting {name!r}{hint}; `doit settings` lists them all (doit takes every "
@@ -207,6 +236,8 @@ def load_settings(
     def get(name: str) -> str:
         setting = next(s for s in SETTINGS if s.name == name)
         value = get_var(name, None)
+        for alias in (a for a, target in ALIASES.items() if target == name and value is None):
+            value = get_var(alias, None)
         if value is None:
             value = environ.get(setting.env, setting.default)
         return value.strip()
@@ -282,6 +313,14 @@ def load_settings(
         if not Path(kernel_config).is_file():
             raise HookError(f"setting kernel_config={get('kernel_config')!r}: no such file")
 
+    webroot_text = get("webroot")
+    webroot = _path(webroot_text, root) if webroot_text else None
+    if webroot and webroot.exists() and not webroot.is_dir():
+        raise HookError(f"setting webroot={webroot_text!r} is not a folder")
+    keep_text = get("deploy_keep")
+    if not keep_text.isdigit() or int(keep_text) < 1:
+        raise HookError(f"setting deploy_keep={keep_text!r} is not a whole number of at least 1 (the current version)")
+
     bases = {}
     for name in ("bootkit_base", "docker_base", "build_image"):
         value = get(name)
@@ -314,8 +353,12 @@ def load_settings(
         build_ca=build_ca,
         iso_cmdline=iso_cmdline,
         iso_base=_check("iso_base", iso_base, REF, "an image reference") if iso_base else "",
-        iso_smee=_bool("iso_smee", get("iso_smee")),
+        iso_smee=_flag("iso_smee", get("iso_smee")),
         embed_images=parse_embed_images(get("embed_images"), root),
+        artifacts=_flag("artifacts", get("artifacts")),
+        webroot=webroot,
+        deploy_keep=int(keep_text),
+        deploy_from=_deploy_from(get("deploy_from"), root),
         root=root,
         **bases,
     )

@@ -16,6 +16,8 @@ from tasks.core.errors import HookError
 if TYPE_CHECKING:
     from tasks.settings import Settings
 
+#: The repository of a build's files as OCI images (tasks.deploy.oci): <org>/hook-artifacts:<version>[-<arch>].
+ARTIFACTS = "hook-artifacts"
 #: What `linuxkit build --format kernel+initrd` writes, as <name>-<kind>.
 LINUXKIT_OUTPUTS = ("kernel", "initrd.img", "cmdline")
 
@@ -101,6 +103,11 @@ def image_record(settings: Settings, name: str, arch: Arch | None, *, local: boo
     kind = "local" if local else "registry"
     suffix = f"-{arch}" if arch else ""
     return settings.out / "images" / kind / f"{name}{suffix}.json"
+
+
+def artifacts_record(settings: Settings) -> Path:
+    """What `doit artifacts` pushed: each artefact image's reference and digest."""
+    return image_record(settings, ARTIFACTS, None, local=False)
 
 
 def bases_record(settings: Settings) -> Path:
