@@ -233,24 +233,38 @@ def worker_registry(registry_factory: Callable[..., Registry], test_os: dict, tm
     return reg
 
 
-def push_worker(reg: Registry, test_os: dict, config: Path) -> str:
-    """Push the two stand-ins as multi-arch indexes: the test OS's REF-amd64 and REF-arm64 (each of its
-    own arch) as REF-amd64 and REF-arm64, then REF = the index of the two (`docker buildx imagetools
-    create`), so a guest of either arch pulls its own. The tink-worker's reference in that registry."""
-    reg.login(config)
+def push_index(local: str, remote: str, config: Path) -> None:
+    """The test OS's `local`-amd64 and `local`-arm64 (each of its own arch) pushed as `remote`-amd64
+    and `remote`-arm64, then `remote` = the index of the two (`docker buildx imagetools create`), so
+    that a build or a guest of either arch gets its own."""
     env = {**os.environ, "DOCKER_CONFIG": str(config)}
+    sources = []
+    for arch in ("amd64", "arm64"):
+        if subprocess.run(["docker", "image", "inspect", f"{local}-{arch}"], capture_output=True).returncode:
+            pytest.fail(f"test OS image {local}-{arch} missing (an older test OS had no per-arch images): "
+                        "run hack/test-os.py")
+        subprocess.run(["docker", "tag", f"{local}-{arch}", f"{remote}-{arch}"], check=True, capture_output=True)
+        subprocess.run(["docker", "push", f"{remote}-{arch}"], check=True, capture_output=True, env=env)
+        sources.append(f"{remote}-{arch}")
+    subprocess.run(["docker", "buildx", "imagetools", "create", "-t", remote, *sources], check=True,
+                   capture_output=True, env=env)
+
+
+def push_packages(reg: Registry, test_os: dict, config: Path) -> None:
+    """LinuxKit's packages of the test OS into `reg` as `<reg>/linuxkit/<name>:<tag>`, multi-arch indexes."""
+    from tests.pipeline_env import linuxkit_package_refs
+
+    reg.login(config)
+    for local in linuxkit_package_refs(test_os["pkg_org"]):
+        push_index(local, f"{reg.addr}/linuxkit/{local.rsplit('/', 1)[1]}", config)
+
+
+def push_worker(reg: Registry, test_os: dict, config: Path) -> str:
+    """Push the two stand-ins (tink-worker, tink-agent) as multi-arch indexes (push_index). The
+    tink-worker's reference in that registry."""
+    reg.login(config)
     for name in ("tink_agent", "tink_worker"):
         ref = f"{reg.addr}/hooktest/{name.replace('_', '-')}:test"
-        sources = []
-        for arch in ("amd64", "arm64"):
-            local = f"{test_os[name]}-{arch}"
-            if subprocess.run(["docker", "image", "inspect", local], capture_output=True).returncode:
-                pytest.fail(f"test OS image {local} missing (an older test OS had no per-arch stand-ins): "
-                            "run hack/test-os.py")
-            subprocess.run(["docker", "tag", local, f"{ref}-{arch}"], check=True, capture_output=True)
-            subprocess.run(["docker", "push", f"{ref}-{arch}"], check=True, capture_output=True, env=env)
-            sources.append(f"{ref}-{arch}")
-        subprocess.run(["docker", "buildx", "imagetools", "create", "-t", ref, *sources], check=True,
-                       capture_output=True, env=env)
+        push_index(test_os[name], ref, config)
         subprocess.run(["docker", "tag", test_os[name], ref], check=True, capture_output=True)  # as before: amd64
     return ref

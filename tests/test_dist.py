@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Registry
-from tests.pipeline_env import Project, linuxkit_package_refs, make_project
+from tests.conftest import Registry, push_packages
+from tests.pipeline_env import Project, make_project
 
 pytestmark = pytest.mark.slow
 PASSWORD = "s3cr=t pass"
@@ -33,22 +33,8 @@ def registry(registry_factory, tmp_path: Path, test_os: dict) -> tuple[Registry,
     """
     reg = registry_factory(username="hook", password=PASSWORD)
     config = tmp_path / "docker-config"
-    reg.login(config)
-    local_refs = linuxkit_package_refs(test_os["pkg_org"])
-    for local in local_refs:
-        remote = _remote(reg, local)
-        sources = []
-        for arch in ("amd64", "arm64"):
-            _docker("tag", f"{local}-{arch}", f"{remote}-{arch}", config=config)
-            _docker("push", f"{remote}-{arch}", config=config)
-            sources.append(f"{remote}-{arch}")
-        _docker("buildx", "imagetools", "create", "-t", remote, *sources, config=config)
+    push_packages(reg, test_os, config)
     return reg, config
-
-
-def _remote(reg: Registry, local: str) -> str:
-    """hooktest/linuxkit/init:TAG -> <registry>/linuxkit/init:TAG."""
-    return f"{reg.addr}/linuxkit/{local.rsplit('/', 1)[1]}"
 
 
 def _project(tmp_path: Path, reg: Registry, config: Path) -> Project:

@@ -36,6 +36,7 @@ from tasks.convert.plan import early_cut, make_plan, resolve_tree
 from tasks.convert.read import ZSTD_MAGIC, Progress, Scanner, mib, printable
 from tasks.convert.write import GzipWriter, OldBlocks, ZstdWriter, check_path, emit
 from tasks.core.errors import HookError
+from tasks.core.files import fsync_dir
 from tasks.core.run import log_step
 
 try:
@@ -123,14 +124,6 @@ def _spool_view(spool: BinaryIO, size: int) -> tuple[mmap.mmap | None, memoryvie
         return None, memoryview(b"")
     mm = mmap.mmap(spool.fileno(), size, prot=mmap.PROT_READ)
     return mm, memoryview(mm)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _edges(fh: BinaryIO, size: int) -> tuple[bytes, bytes]:
@@ -260,7 +253,7 @@ def repack(
         check_path(dst).unlink(missing_ok=True)
         os.replace(tmp, dst)
         tmp = None
-        _fsync_dir(dst.parent)
+        fsync_dir(dst.parent)
         early_entries = len(early.order) if early else 0
         _write_check(dst, compression, early_entries + len(plan.order), plan.size, early_size, blocks)
     except BaseException as exc:

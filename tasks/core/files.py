@@ -41,6 +41,15 @@ def atomic_write_text(path: Path, text: str, *, mode: int = 0o644) -> None:
     atomic_write_bytes(path, text.encode(), mode=mode)
 
 
+def fsync_dir(path: Path) -> None:
+    """Make a rename or unlink in `path` durable (the directory entry itself is written)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def remove(*paths: Path) -> None:
     """Remove files if they exist (a failed step's stale outputs)."""
     for path in paths:

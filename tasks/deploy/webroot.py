@@ -33,7 +33,7 @@ from pathlib import Path
 
 from tasks.core.arch import Arch
 from tasks.core.errors import HookError
-from tasks.core.files import atomic_write_text
+from tasks.core.files import atomic_write_text, fsync_dir
 from tasks.core.run import log_step
 from tasks.media.checksums import read_checksums, verify_checksums
 
@@ -64,14 +64,6 @@ def check_version(version: str, where: str) -> str:
         raise HookError(f"{where}: version {version!r} cannot name a webroot folder (letters, digits and . _ + -; "
                         f"not {CURRENT!r} or a served name)")
     return version
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _temp_name(root: Path, kind: str) -> Path:
@@ -174,7 +166,7 @@ def load(root: Path) -> State:
 def save(root: Path, state: State) -> None:
     atomic_write_text(root / STATE, json.dumps({"current": state.current, "history": state.history,
                                                 "installed": sorted(state.installed)}, indent=2) + "\n")
-    _fsync_dir(root)
+    fsync_dir(root)
 
 
 def served_names(folder: Path) -> list[str]:
@@ -219,7 +211,7 @@ def install(root: Path, state: State, folder: Path, version: str) -> None:
         state.installed.append(version)
         save(root, state)  # before the rename: a folder hook made is always in the state file
     os.rename(folder, target)
-    _fsync_dir(root)
+    fsync_dir(root)
     if trash:
         shutil.rmtree(trash)
 
@@ -240,7 +232,7 @@ def switch(root: Path, state: State, version: str) -> list[str]:
             changed.append(name)
     if _link(root, CURRENT, version):
         changed.append(f"{CURRENT} -> {version}")
-    _fsync_dir(root)
+    fsync_dir(root)
     history = [v for v in state.history if v != version] + [version]
     if (state.current, state.history) != (version, history):
         state.current, state.history = version, history
@@ -252,7 +244,7 @@ def switch(root: Path, state: State, version: str) -> list[str]:
         if _ours(entry) and entry.name not in names:
             entry.unlink()
             changed.append(f"-{entry.name}")
-    _fsync_dir(root)
+    fsync_dir(root)
     return changed
 
 
