@@ -153,7 +153,7 @@ def test_interactive_argv(tmp_path: Path) -> None:
 
 
 def test_aarch64_argv_shape(tmp_path: Path) -> None:
-    """Written, not booted: no qemu-system-aarch64 on the test machine."""
+    """The argv's shape; tests/test_arm64.py boots it."""
     argv = qemu._argv(
         "qemu-system-aarch64",
         tmp_path / "k",
@@ -163,5 +163,13 @@ def test_aarch64_argv_shape(tmp_path: Path) -> None:
         memory_mb=1024,
         accel="tcg",
     )
-    assert argv[:5] == ["qemu-system-aarch64", "-M", "virt", "-cpu", "cortex-a57"]
+    assert argv[:5] == ["qemu-system-aarch64", "-M", "virt", "-cpu", "max,pauth-impdef=on"]
+    assert argv[argv.index("-bios") + 1] == str(qemu.AAVMF)  # a kernel boots through UEFI, as on a server
     assert argv[argv.index("-append") + 1] == "console=ttyAMA0 panic=-1"
+    own = qemu._argv("qemu-system-aarch64", None, None, arch=Arch.AARCH64, cmdline="", memory_mb=1024, accel="tcg")
+    assert "-bios" not in own  # no kernel: the caller's extra names the firmware (an ISO boot)
+
+
+def test_aarch64_without_firmware_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(HookError, match="install Debian's qemu-efi-aarch64"):
+        qemu.aarch64_firmware(tmp_path / "QEMU_EFI.fd")

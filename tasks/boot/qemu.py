@@ -19,8 +19,12 @@ hypervisor on which a stock kernel hangs for many minutes). `accel="kvm"` forces
 the arch's serial port when the cmdline's last console= is another one, so that what init, the
 services and tink-worker write to /dev/console shows on the serial line QEMU gives us.
 
-aarch64 uses `qemu-system-aarch64 -M virt -cpu cortex-a57` and the PL011 console `ttyAMA0`.
-That path is written but not booted here (no aarch64 firmware or qemu-system-arm on the test machine).
+aarch64 uses `qemu-system-aarch64 -M virt -cpu max` (under TCG `pauth-impdef=on`: QEMU's own
+pointer-authentication hash, much faster to emulate than the architected QARMA) and the PL011
+console `ttyAMA0`. A kernel is booted through AAVMF (Debian's `qemu-efi-aarch64`), as an arm64
+server's UEFI boots it: the firmware loads the kernel and initramfs QEMU gives it (fw_cfg) and
+starts the kernel's EFI stub, so the kernel finds its devices through UEFI and ACPI/DT the way it
+does on a server. `extra` with its own `-bios` or pflash (an ISO boot) is left alone.
 """
 
 from __future__ import annotations
@@ -222,7 +226,9 @@ def qemu_argv(
     """
     argv = [qemu]
     if arch is Arch.AARCH64:
-        argv += ["-M", "virt", "-cpu", "host" if accel == "kvm" else "cortex-a57"]
+        argv += ["-M", "virt", "-cpu", "host" if accel == "kvm" else "max,pauth-impdef=on"]
+        if kernel is not None and not any(a == "-bios" or "pflash" in a for a in extra):
+            argv += aarch64_firmware()
     elif accel == "kvm":
         argv += ["-cpu", "host"]
     argv += [
@@ -248,6 +254,34 @@ def qemu_argv(
         for index, nic in enumerate(nics):
             argv += nic.args(index)
     return argv + list(extra)
+
+
+#: AAVMF, the UEFI firmware for QEMU's arm64 virt machine (Debian's qemu-efi-aarch64)
+AAVMF = Path("/usr/share/qemu-efi-aarch64/QEMU_EFI.fd")
+
+
+def aarch64_firmware(path: Path = AAVMF) -> list[str]:
+    """The -bios arguments of an arm64 UEFI boot; a one-line refusal when the firmware is not installed."""
+    if not path.is_file():
+        raise HookError(f"cannot boot aarch64: no UEFI firmware at {path}; install Debian's qemu-efi-aarch64 "
+                        "(apt-get install qemu-efi-aarch64)")
+    return ["-bios", os.fspath(path)]
+
+
+#: AAVMF's Secure Boot pair (Debian's qemu-efi-aarch64): the code, and variables with Microsoft's keys enrolled
+AAVMF_SB_CODE = Path("/usr/share/AAVMF/AAVMF_CODE.ms.fd")
+AAVMF_SB_VARS = Path("/usr/share/AAVMF/AAVMF_VARS.ms.fd")
+
+
+def aarch64_secure_boot_firmware(vars_copy: Path) -> list[str]:
+    """pflash arguments of an arm64 UEFI boot with Secure Boot on: AAVMF's code and a copy of its
+    variables (Microsoft's keys enrolled, Secure Boot enabled), which the firmware writes."""
+    for path in (AAVMF_SB_CODE, AAVMF_SB_VARS):
+        if not path.is_file():
+            raise HookError(f"cannot boot aarch64 with Secure Boot: no {path}; install Debian's qemu-efi-aarch64")
+    vars_copy.write_bytes(AAVMF_SB_VARS.read_bytes())
+    return ["-drive", f"if=pflash,format=raw,readonly=on,file={AAVMF_SB_CODE}",
+            "-drive", f"if=pflash,format=raw,file={vars_copy}"]
 
 
 # kept for callers and tests of the simple shape
