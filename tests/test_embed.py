@@ -373,7 +373,8 @@ def test_boots_with_no_network_device_from_the_embedded_images(embedded_boot_fil
         assert listed == {WORKER_IMAGE, test_os["action"]}, images.output  # the action image is there
         absent = g.sh(in_service("hook-docker", f"docker image inspect {test_os['tink_worker']}"), timeout=120)
         assert absent.status != 0 and "No such image" in absent.output  # not embedded under that name
-        socket = g.sh(in_service("hook-docker", "docker exec tink-worker test -S /var/run/docker.sock"), timeout=120)
+        is_socket = "import os, stat, sys; sys.exit(not stat.S_ISSOCK(os.stat(\"/var/run/docker.sock\").st_mode))"
+        socket = g.sh(in_service("hook-docker", f"docker exec tink-worker python3 -c '{is_socket}'"), timeout=120)
         assert socket.status == 0, socket.output  # tink-worker's bind of the socket (a link) is the socket
         logs = _embedded_logs(g)
         print(f"[embedded, no NIC] logs:\n{logs}")

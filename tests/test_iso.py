@@ -650,10 +650,18 @@ def test_doit_iso_outputs_incremental_and_reproducible(iso_project: Project, bui
     assert f"hook-{ARCH}.iso" not in (dist / "checksum.txt").read_text()
 
 
+def cmdline_of(g: qemu.Guest) -> str:
+    """The guest's /proc/cmdline. The console is shared: the stand-in's own lines may come between
+    those of the command; the command line is the line GRUB's BOOT_IMAGE= starts."""
+    output = g.sh("cat /proc/cmdline", timeout=120).output.replace("\r", "")
+    lines = [line.strip() for line in output.splitlines() if line.startswith("BOOT_IMAGE=")]
+    return lines[-1] if lines else output.strip()
+
+
 def wait_for_worker(g: qemu.Guest, worker_id: str, name: str) -> str:
     g.wait_for(marker(worker_id), timeout=BOOT_TIMEOUT)
     report(g, name)
-    shown = g.sh("cat /proc/cmdline", timeout=120).output.replace("\r", "").strip()
+    shown = cmdline_of(g)
     print(f"[{name}] /proc/cmdline: {shown}")
     return shown
 
@@ -723,7 +731,7 @@ def test_patched_iso_served_by_smee_runs_tink_agent_secure_boot(built_iso: Path,
         report(g, "patched ISO served by Smee, tink-agent, OVMF Secure Boot, CD")
         checks = sorted(set(re.findall(r"TINK-AGENT-CHECK \S+ [^\r\n]*", g.console)))
         print("\n".join(checks))
-        shown = g.sh("cat /proc/cmdline", timeout=120).output.replace("\r", "").strip()
+        shown = cmdline_of(g)
         policy = g.sh("cat /sys/module/module/parameters/sig_enforce; "
                       "grep -h . /sys/kernel/security/lockdown 2>/dev/null || "
                       "{ mount -t securityfs securityfs /sys/kernel/security && cat /sys/kernel/security/lockdown; }",

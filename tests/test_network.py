@@ -731,6 +731,11 @@ def boot_files(dev_project: Project, tmp_path_factory: pytest.TempPathFactory) -
     return packaged(dev_project, "dev", "hook", tmp_path_factory.mktemp("net-boot"))
 
 
+#: udev's names of the boot tests' NICs: virtio-net in PCI slots 3 and 4 of QEMU's i440fx (the NICs are
+#: the first devices after the machine's own), as a server's NICs get ens<slot> or eno<n> names
+NIC0, NIC1 = "ens3", "ens4"
+
+
 def net_guest(files: tuple[Path, Path], log: Path, cmdline: str, nics: list[qemu.Nic]) -> qemu.Guest:
     kernel, initrd = files
     return qemu.Guest(kernel, initrd, arch=ARCH, cmdline=cmdline, memory_mb=MEMORY_MB, accel="tcg", smp=SMP,
@@ -760,12 +765,12 @@ def test_boot_ipam_static_no_dhcp(boot_files: tuple[Path, Path], worker_registry
                    [registry_nic(worker_registry, mac=mac, pcap=pcap)]) as g:
         g.wait_for(MARKER, timeout=BOOT_TIMEOUT)
         report(g, "ipam=")
-        assert ("hook-docker: INFO network: ipam=: static 10.0.2.15/24 on eth0 52:54:00:12:34:99, gateway 10.0.2.2, "
+        assert (f"hook-docker: INFO network: ipam=: static 10.0.2.15/24 on {NIC0} 52:54:00:12:34:99, gateway 10.0.2.2, "
                 "DNS 10.0.2.3, 10.0.2.4, hostname hook-static.test; no DHCP") in g.console
-        addr = g.sh(in_service("hook-docker", "ip -4 addr show dev eth0")).output
+        addr = g.sh(in_service("hook-docker", f"ip -4 addr show dev {NIC0}")).output
         assert "inet 10.0.2.15/24" in addr, addr
-        assert re.search(r"default via 10\.0\.2\.2 dev eth0", g.sh(in_service("hook-docker", "ip route")).output)
-        resolv = ("# written by hook-docker: ipam= (static, eth0)", "search lab.test", "nameserver 10.0.2.3",
+        assert re.search(rf"default via 10\.0\.2\.2 dev {NIC0}", g.sh(in_service("hook-docker", "ip route")).output)
+        resolv = (f"# written by hook-docker: ipam= (static, {NIC0})", "search lab.test", "nameserver 10.0.2.3",
                   "nameserver 10.0.2.4")
         in_worker = "docker exec tink-worker"
         for where, command in (("hook-docker", in_service("hook-docker", "cat /etc/resolv.conf")),
@@ -777,7 +782,7 @@ def test_boot_ipam_static_no_dhcp(boot_files: tuple[Path, Path], worker_registry
                         in_service("hook-docker", "docker exec tink-worker hostname")):
             output = g.sh(command).output
             assert lines_in(output, "hook-static.test"), f"{command}: {output}"
-        worker = g.sh(in_service("hook-docker", "docker exec tink-worker ip -4 addr show dev eth0")).output
+        worker = g.sh(in_service("hook-docker", f"docker exec tink-worker ip -4 addr show dev {NIC0}")).output
         assert "inet 10.0.2.15/24" in worker, worker
         ps = g.sh(in_service("hook-docker", "ps -o comm")).output
         assert "udhcpc" not in ps and "dhcpcd" not in ps, ps
@@ -788,30 +793,30 @@ def test_boot_ipam_static_no_dhcp(boot_files: tuple[Path, Path], worker_registry
     # the guest's own IPv4 traffic (to the registry) comes from the static address
     assert any(f.src_mac == mac and f.ethertype == 0x0800 and f.payload[12:16] == bytes([10, 0, 2, 15])
                for f in frames)
-    print(f"[ipam=] {len(frames)} frames on eth0, {summary(dhcp_messages(frames))}")
+    print(f"[ipam=] {len(frames)} frames on {NIC0}, {summary(dhcp_messages(frames))}")
 
 
 @pytest.mark.slow
 def test_boot_vlan_dhcp_tagged_only(boot_files: tuple[Path, Path], worker_registry: Registry, tmp_path: Path) -> None:
-    """vlan_id=100 hw_addr=<the NIC's MAC>: eth0.100 is made, DHCP runs there only: the pcap has
+    """vlan_id=100 hw_addr=<the NIC's MAC>: <NIC>.100 is made, DHCP runs there only: the pcap has
     802.1Q frames with VLAN 100 carrying DHCP DISCOVERs and no untagged DHCP. QEMU's user net has no
     VLAN, so no lease comes: dockerd starts after the 30 s bound anyway."""
     mac = "52:54:00:12:34:98"
     pcap = tmp_path / "eth0.pcap"
     with net_guest(boot_files, tmp_path / "console.log", tinkerbell_cmdline(extra=f"vlan_id=100 hw_addr={mac}"),
                    [registry_nic(worker_registry, mac=mac, pcap=pcap)]) as g:
-        g.wait_for(f"hook-docker: INFO network: vlan_id=100: DHCP only on eth0.100 (VLAN 100 on eth0 {mac})",
+        g.wait_for(f"hook-docker: INFO network: vlan_id=100: DHCP only on {NIC0}.100 (VLAN 100 on {NIC0} {mac})",
                    timeout=BOOT_TIMEOUT)
-        g.wait_for("hook-docker: WARNING network: no DHCP lease on eth0.100 after 30s: going on without one",
+        g.wait_for(f"hook-docker: WARNING network: no DHCP lease on {NIC0}.100 after 30s: going on without one",
                    timeout=90)
         vlan = g.sh("cat /proc/net/vlan/config").output
-        assert re.search(r"eth0\.100\s*\|\s*100\s*\|\s*eth0", vlan), vlan
+        assert re.search(rf"{NIC0}\.100\s*\|\s*100\s*\|\s*{NIC0}", vlan), vlan
         deadline = time.monotonic() + 120
         while "started dockerd" not in (logs := g.sh("cat /var/log/hook-docker.log").output):
             assert time.monotonic() < deadline, logs[-3000:]
             time.sleep(3)
         report(g, "vlan_id=")
-        assert before(logs, "no DHCP lease on eth0.100 after 30s", "started dockerd")
+        assert before(logs, f"no DHCP lease on {NIC0}.100 after 30s", "started dockerd")
     messages = dhcp_messages(read_pcap(pcap))
     print(f"[vlan_id=] {summary(messages)}")
     assert messages and all(m.vlan == 100 and m.src_mac == mac for m in messages), summary(messages)
@@ -820,20 +825,21 @@ def test_boot_vlan_dhcp_tagged_only(boot_files: tuple[Path, Path], worker_regist
 
 @pytest.mark.slow
 def test_boot_interface_two_nics(boot_files: tuple[Path, Path], worker_registry: Registry, tmp_path: Path) -> None:
-    """Two NICs, interface=eth1: DHCP on eth1 only (one pcap per NIC); tink-worker runs through eth1."""
+    """Two NICs, interface=<the second NIC's udev name>: DHCP on it only (one pcap per NIC); tink-worker
+    runs through it."""
     macs = ("52:54:00:12:34:a0", "52:54:00:12:34:a1")
     pcaps = (tmp_path / "eth0.pcap", tmp_path / "eth1.pcap")
     nics = [qemu.Nic(mac=macs[0], pcap=pcaps[0]), registry_nic(worker_registry, mac=macs[1], pcap=pcaps[1])]
-    with net_guest(boot_files, tmp_path / "console.log", tinkerbell_cmdline(extra="interface=eth1"), nics) as g:
+    with net_guest(boot_files, tmp_path / "console.log", tinkerbell_cmdline(extra=f"interface={NIC1}"), nics) as g:
         g.wait_for(MARKER, timeout=BOOT_TIMEOUT)
         report(g, "interface=")
-        assert f"hook-docker: INFO network: interface=eth1: DHCP only on eth1 ({macs[1]})" in g.console
-        assert re.search(r"hook-docker: INFO network: eth1 leased 10\.0\.2\.15/24 from 10\.0\.2\.2", g.console)
-    eth0, eth1 = (dhcp_messages(read_pcap(p)) for p in pcaps)
-    print(f"[interface=] eth0: {summary(eth0)}; eth1: {summary(eth1)}")
-    assert eth0 == []
-    assert {m.kind for m in eth1 if m.from_client} >= {"DISCOVER", "REQUEST"}
-    assert all(m.vlan is None and (m.src_mac == macs[1] or not m.from_client) for m in eth1)
+        assert f"hook-docker: INFO network: interface={NIC1}: DHCP only on {NIC1} ({macs[1]})" in g.console
+        assert re.search(rf"hook-docker: INFO network: {NIC1} leased 10\.0\.2\.15/24 from 10\.0\.2\.2", g.console)
+    first, second = (dhcp_messages(read_pcap(p)) for p in pcaps)
+    print(f"[interface=] {NIC0}: {summary(first)}; {NIC1}: {summary(second)}")
+    assert first == []
+    assert {m.kind for m in second if m.from_client} >= {"DISCOVER", "REQUEST"}
+    assert all(m.vlan is None and (m.src_mac == macs[1] or not m.from_client) for m in second)
 
 
 @pytest.mark.slow
@@ -852,15 +858,15 @@ def test_boot_bad_values_fall_back_to_dhcp(boot_files: tuple[Path, Path], worker
             "hook-docker: ERROR network: ipam= MAC address (field 1) '52-54-00-12-34-zz' is not 6 hex pairs joined by "
             "'-': write it like 52-54-00-12-34-56; trying vlan_id= instead",
             "hook-docker: ERROR network: hw_addr= MAC address '52:54:00:00:00:01' is on no interface after 10s "
-            f"(there are: eth0 {mac}): give the MAC of one of this machine's NICs; trying interface= instead",
-            f"hook-docker: ERROR network: interface= 'eth5' does not exist after 10s (there are: eth0 {mac}): "
+            f"(there are: {NIC0} {mac}): give the MAC of one of this machine's NICs; trying interface= instead",
+            f"hook-docker: ERROR network: interface= 'eth5' does not exist after 10s (there are: {NIC0} {mac}): "
             f"name one of this machine's interfaces; {FALLBACK}",
         ]
         console = g.console.replace("\r", "")
         for line in expected:
             assert line in console, line
             print(f"[bad values] console: {line}")
-        assert re.search(r"hook-docker: INFO network: eth0 leased 10\.0\.2\.15/24", console)
+        assert re.search(rf"hook-docker: INFO network: {NIC0} leased 10\.0\.2\.15/24", console)
         logs = service_logs(g)
         for line in expected:
             assert line.replace("hook-docker: ", "hook-docker ", 1) in logs
