@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -55,11 +56,14 @@ def test_unknown_setting_name_is_refused(project: Project) -> None:
 
 
 def test_malformed_hook_yaml_names_file_and_key(project: Project) -> None:
-    project.replace("linuxkit/hook.yaml", "    pid: host\n", "    pid: host\n    capabilites: [all]\n")
+    text = (project.root / "linuxkit/hook.yaml").read_text()
+    services = re.findall(r"^  - name: (\S+)$", text.split("\nservices:\n", 1)[1], re.M)
+    project.replace("linuxkit/hook.yaml", "  - name: hook-docker\n", "  - name: hook-docker\n    capabilites: [all]\n")
     result = project.doit("dev_dist", check=False)
     assert result.returncode != 0
     line = _failure(result)
-    assert line.startswith(f"hook: linuxkit:dev-{ARCH} failed: linuxkit/hook.yaml: services[3]: ")
+    index = services.index("hook-docker")  # the misspelt key names the service it is in, by its place
+    assert line.startswith(f"hook: linuxkit:dev-{ARCH} failed: linuxkit/hook.yaml: services[{index}]: "), line
     assert "'capabilites' was unexpected" in line
     _no_finished_outputs(project)
     again = project.doit("dev_dist", check=False)
