@@ -512,7 +512,7 @@ def test_secure_boot_enforces_the_chain(small_x86: Path, unsigned_iso: Path, ker
 
 # --- aarch64: the UEFI ISO under qemu-system-aarch64 (TCG) and AAVMF, a Debian arm64 kernel and busybox ---
 
-AAVMF = Path("/usr/share/qemu-efi-aarch64/QEMU_EFI.fd")
+AAVMF = qemu.AAVMF
 ARM64_CACHE = CACHE / "arm64"
 ARM_TRICKY = TRICKY.replace("ttyS0", "ttyAMA0")
 
@@ -567,7 +567,7 @@ def test_aarch64_patched_iso_boots_uefi(arm64_iso: Path, medium: str, tmp_path: 
                "-device", "virtio-scsi-pci", "-device", "scsi-cd,drive=cd"] if medium == "cdrom"
               else ["-drive", f"if=virtio,format=raw,snapshot=on,file={arm64_iso}"])
     with qemu.Guest(None, None, arch=Arch.AARCH64, memory_mb=1024, accel="tcg", smp=AARCH64_SMP,
-                    extra=["-bios", str(AAVMF), *attach], log=tmp_path / "console.log",
+                    extra=[*qemu.aarch64_firmware(), *attach], log=tmp_path / "console.log",
                     milestone_patterns=ISO_MILESTONES) as g:
         found = g.wait_for(re.compile(rf"{SMALL_MARKER} cmdline=\[(.*)\]"), timeout=300)
         report(g, f"aarch64 ISO, AAVMF, {medium}")

@@ -177,14 +177,9 @@ def firmware_args(*, uefi: bool, vars_copy: Path, secure_boot: bool = False) -> 
     if not uefi:
         return ["-machine", "q35"]
     code, variables = (OVMF_SB_CODE, OVMF_SB_VARS) if secure_boot else (OVMF_CODE, OVMF_VARS)
-    for path in (code, variables):
-        if not path.is_file():
-            raise HookError(f"no {path}: install Debian's ovmf package (apt-get install ovmf)")
-    vars_copy.write_bytes(variables.read_bytes())
     machine = ["-machine", "q35,smm=on", "-global", "driver=cfi.pflash01,property=secure,value=on"] \
         if secure_boot else ["-machine", "q35"]
-    return [*machine, "-drive", f"if=pflash,format=raw,readonly=on,file={code}",
-            "-drive", f"if=pflash,format=raw,file={vars_copy}"]
+    return [*machine, *qemu.pflash_args(code, variables, vars_copy, package="ovmf")]
 
 
 def netboot_nic(*, tftp: Path, http_port: int, registry_port: int | None = None, mac: str = MAC,

@@ -59,10 +59,10 @@ RELAY = Path(__file__).resolve().parent / "relay.py"
 #: Where a forwarded host service appears in the guest by default (QEMU's user net is 10.0.2.0/24).
 GUEST_SERVICE_IP = "10.0.2.100"
 
-#: Boot stages of the Hook OS that show on the serial console, in order: (name, regex).
 #: What Linux prints when a vCPU stopped getting timer interrupts (seen under TCG with -smp 2 on a
 #: loaded host: the TSCs of the vCPUs drift apart and a halted vCPU is never woken): waiting on is useless.
 STALL = "rcu: INFO: rcu_preempt detected stalls"
+#: Boot stages of the Hook OS that show on the serial console, in order: (name, regex).
 HOOK_MILESTONES: tuple[tuple[str, str], ...] = (
     ("kernel", r"Linux version \d"),
     ("/init runs (initramfs unpacked)", r"Run /init as init process"),
@@ -273,15 +273,22 @@ AAVMF_SB_CODE = Path("/usr/share/AAVMF/AAVMF_CODE.ms.fd")
 AAVMF_SB_VARS = Path("/usr/share/AAVMF/AAVMF_VARS.ms.fd")
 
 
+def pflash_args(code: Path, variables: Path, vars_copy: Path, *, package: str) -> list[str]:
+    """The two pflash drives of a UEFI firmware (OVMF, AAVMF): its code read-only, and a copy of its
+    variables (the firmware writes them) at vars_copy. A one-line refusal naming the Debian package
+    when a file is missing."""
+    for path in (code, variables):
+        if not path.is_file():
+            raise HookError(f"no UEFI firmware file {path}: install Debian's {package} (apt-get install {package})")
+    vars_copy.write_bytes(variables.read_bytes())
+    return ["-drive", f"if=pflash,format=raw,readonly=on,file={code}",
+            "-drive", f"if=pflash,format=raw,file={vars_copy}"]
+
+
 def aarch64_secure_boot_firmware(vars_copy: Path) -> list[str]:
     """pflash arguments of an arm64 UEFI boot with Secure Boot on: AAVMF's code and a copy of its
     variables (Microsoft's keys enrolled, Secure Boot enabled), which the firmware writes."""
-    for path in (AAVMF_SB_CODE, AAVMF_SB_VARS):
-        if not path.is_file():
-            raise HookError(f"cannot boot aarch64 with Secure Boot: no {path}; install Debian's qemu-efi-aarch64")
-    vars_copy.write_bytes(AAVMF_SB_VARS.read_bytes())
-    return ["-drive", f"if=pflash,format=raw,readonly=on,file={AAVMF_SB_CODE}",
-            "-drive", f"if=pflash,format=raw,file={vars_copy}"]
+    return pflash_args(AAVMF_SB_CODE, AAVMF_SB_VARS, vars_copy, package="qemu-efi-aarch64")
 
 
 # kept for callers and tests of the simple shape

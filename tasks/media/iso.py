@@ -517,8 +517,9 @@ def make_iso(settings: Settings, build: Build, arch: Arch, record: Path) -> None
     kernel, initrd = boot_files(settings, build, arch)
     target = iso_path(settings, build, arch)
     cmdline = expand(settings.iso_cmdline, arch, smee=settings.iso_smee)
-    if settings.iso_smee and serial_consoles(cmdline):
-        log_step(f"warning: iso_cmdline names console={serial_consoles(cmdline)[0]}: served by Smee, the kernel's "
+    serial = serial_consoles(cmdline)
+    if settings.iso_smee and serial:
+        log_step(f"warning: iso_cmdline names console={serial[0]}: served by Smee, the kernel's "
                  "serial console is that one whatever Smee gives (Linux takes the first ttyS named); leave the "
                  "consoles to Smee ({consoles}), or set iso_smee=false")
     make_iso_file(tool_ref=tool_ref, kernel=kernel, initrd=initrd, arch=arch, cmdline=cmdline, target=target,
