@@ -91,7 +91,6 @@ MARKER_PREFIX = b"# hook-cmdline-area v"
 _MARKER_LINE = re.compile(rb"# hook-cmdline-area v(\d+) size=(\d+)(?: smee=(\d+))?\n")
 VOLUME_ID = "HOOK"
 GRUB_CFG = ("boot", "grub", "grub.cfg")
-DEFAULT_CMDLINE = "console=tty0 console={serial}"
 TOOL_IMAGE = "hook-iso"
 SECTOR = 2048
 
