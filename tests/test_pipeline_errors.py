@@ -124,3 +124,26 @@ def test_unknown_buildx_builder(project: Project) -> None:
     result = project.doit("dev_dist", "builder=no-such-builder", check=False)
     assert result.returncode != 0
     assert "buildx builder 'no-such-builder' not found: `docker buildx ls` lists them" in _failure(result)
+
+
+def test_a_step_error_is_what_the_step_printed_not_the_script_buildkit_echoes(tmp_path: Path) -> None:
+    """BuildKit's plain progress repeats each RUN step's script in the step's header, cached or not, and
+    our scripts hold `echo "hook: error: ..."`: the failure is what a step printed, or else the tool's
+    own last lines (here: a registry that refused the push)."""
+    from tasks.core.errors import HookError
+    from tasks.core.run import run
+
+    header = '#8 [build 3/4] RUN apt-get update || { echo "hook: error: apt-get update failed" >&2; exit 1; }'
+    refused = tmp_path / "refused.sh"
+    refused.write_text(f"echo '{header}'\necho '#8 CACHED'\necho 'ERROR: unauthorized: authentication required'\n"
+                       "exit 1\n")
+    with pytest.raises(HookError) as caught:
+        run(["sh", str(refused)], tool="buildx", quiet=True, fix="docker login")
+    assert "unauthorized: authentication required" in str(caught.value)
+    assert "try: docker login" in str(caught.value)
+
+    said = tmp_path / "said.sh"
+    said.write_text(f"echo '{header}'\necho '#8 0.532 hook: error: apt-get update failed in local/debian'\n"
+                    "echo '------'\nexit 1\n")
+    with pytest.raises(HookError, match=r"^apt-get update failed in local/debian$"):
+        run(["sh", str(said)], tool="buildx", quiet=True)

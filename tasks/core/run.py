@@ -30,8 +30,11 @@ INSTALL_HINTS: dict[str, str] = {
 }
 
 TAIL_LINES = 15
-#: A line of our own build scripts (in containers/) that says why they failed, in one line.
-STEP_ERROR = re.compile(r"hook: error: (.*)$")
+#: A line of our own build scripts (in containers/) that says why they failed, in one line: printed
+#: as it is, or as BuildKit's plain progress shows a step's output (`#8 0.532 hook: error: ...`, or
+#: `0.532 ...` in its summary). Not BuildKit's step header (`#8 [build 3/4] RUN ... echo "hook: error:
+#: ..."`), which echoes the script text of every step, cached or failed or not.
+STEP_ERROR = re.compile(r"^\s*(?:#\d+ )?(?:\d+\.\d+ )?hook: error: (.*)$")
 
 
 def mask(text: str, secrets: Iterable[str]) -> str:
