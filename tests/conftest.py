@@ -44,6 +44,29 @@ def docker_engine() -> None:
         pytest.fail(f"dockerd is not answering: {SETUP}")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def disk_hygiene(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """What the run leaves (tests/hygiene.py): an earlier run's images go at the start, this run's at
+    the end; LinuxKit's image cache lives in this run's temporary folder, not in ~/.linuxkit."""
+    from tests.hygiene import sweep_earlier_runs, tidy_engine
+
+    sweep_earlier_runs(tmp_path_factory.getbasetemp())
+    engine = shutil.which("docker") is not None
+    if engine:
+        tidy_engine()
+    cache = tmp_path_factory.mktemp("linuxkit-cache")
+    before = os.environ.get("LINUXKIT_CACHE")
+    os.environ["LINUXKIT_CACHE"] = str(cache)
+    yield
+    if before is None:
+        os.environ.pop("LINUXKIT_CACHE", None)
+    else:
+        os.environ["LINUXKIT_CACHE"] = before
+    shutil.rmtree(cache, ignore_errors=True)
+    if engine:
+        tidy_engine()
+
+
 @pytest.fixture(scope="session")
 def shipped_kernel(tmp_path_factory: pytest.TempPathFactory, test_os: dict) -> dict:
     """Our kernel image for this machine's arch, as the pipeline builds it (`doit image_load:hook-kernel-<arch>`,
