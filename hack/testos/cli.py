@@ -172,6 +172,7 @@ class TestOs:
                 step("images: computing content keys")
                 images = self.images(src, every)
                 now = self.engine.make_images(images, self.digests)
+                self.engine.untag_stale(PKG_ORG, {r for i in images for r in i.refs})
                 manifest = self.manifest(src, images, now)
             finally:
                 self.digests.save()

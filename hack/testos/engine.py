@@ -168,3 +168,14 @@ class Engine:
         if missing:
             raise TestOsError(f"{missing[0]} is not in the docker engine after its build: check `docker images`")
         return now
+
+    def untag_stale(self, org: str, current: set[str]) -> list[str]:
+        """Remove the tags under `org/` (tagged by content, so a changed recipe or pin makes new ones) that this
+        run's images do not carry: on a machine reused from run to run they would pile up. Returns them."""
+        listed = subprocess.run(["docker", "image", "ls", "--filter", f"reference={org}/*", "--format",
+                                 "{{.Repository}}:{{.Tag}}"], capture_output=True, text=True, check=False)
+        stale = sorted({t for t in listed.stdout.split() if not t.endswith(":<none>") and t not in current})
+        if stale:
+            subprocess.run(["docker", "image", "rm", *stale], capture_output=True, check=False)
+            step(f"images: untagged {len(stale)} of an earlier recipe under {org}/")
+        return stale
