@@ -47,11 +47,12 @@ def docker_engine() -> None:
 @pytest.fixture(scope="session", autouse=True)
 def disk_hygiene(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """What the run leaves (tests/hygiene.py): an earlier run's images go at the start, this run's at
-    the end; LinuxKit's image cache lives in this run's temporary folder, not in ~/.linuxkit."""
-    from tests.hygiene import sweep_earlier_runs, tidy_engine
+    the end, unless another pytest runs on this machine (its images are in use); LinuxKit's image cache
+    lives in this run's temporary folder, not in ~/.linuxkit."""
+    from tests.hygiene import other_sessions, sweep_earlier_runs, tidy_engine
 
     sweep_earlier_runs(tmp_path_factory.getbasetemp())
-    engine = shutil.which("docker") is not None
+    engine = shutil.which("docker") is not None and not other_sessions()
     if engine:
         tidy_engine()
     cache = tmp_path_factory.mktemp("linuxkit-cache")
@@ -63,7 +64,7 @@ def disk_hygiene(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     else:
         os.environ["LINUXKIT_CACHE"] = before
     shutil.rmtree(cache, ignore_errors=True)
-    if engine:
+    if engine and not other_sessions():
         tidy_engine()
 
 

@@ -51,6 +51,22 @@ def leftover_tags() -> list[str]:
     return sorted(names)
 
 
+def other_sessions() -> list[int]:
+    """The pids of other pytest processes on this machine (from /proc): while one runs, its images are in
+    use, so the engine is left alone."""
+    mine = os.getpid()
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if int(entry.name) != mine and any(Path(a.decode(errors="replace")).name in ("pytest", "py.test")
+                                           or a == b"pytest" for a in argv[:3]):
+            found.append(int(entry.name))
+    return found
+
+
 def tidy_engine() -> None:
     """Remove the containers that `docker create` left (an interrupted export), untag the tests' images,
     drop the layers nobody uses any more, cap BuildKit's cache. Best effort: nothing here fails a run."""
@@ -66,10 +82,6 @@ def tidy_engine() -> None:
                    capture_output=True)
 
 
-def _number(folder: Path) -> int:
-    return int(folder.name.removeprefix("pytest-"))
-
-
 def _in_use(folder: Path) -> bool:
     """pytest's `.lock` in a session folder holds its pid while that session runs."""
     try:
@@ -80,16 +92,15 @@ def _in_use(folder: Path) -> bool:
 
 
 def sweep_earlier_runs(basetemp: Path) -> list[Path]:
-    """Remove the temporary folders of earlier runs but the newest (pytest's own sweep misses them when
-    a run passes: it counts from its own folder, which it has just removed). Only pytest's numbered
-    folders (`/tmp/pytest-of-$USER/pytest-N`), never one whose session still runs. Returns those removed."""
+    """Remove the temporary folders of earlier runs, whose failed tests' folders stay for a look until the
+    next run starts (pytest's own sweep misses them when a run passes: it counts from its own folder,
+    which it has just removed). Only pytest's numbered folders (`/tmp/pytest-of-$USER/pytest-N`), never
+    one whose session still runs. Returns those removed."""
     if not (basetemp.name.startswith("pytest-") and basetemp.parent.name.startswith("pytest-of-")):
         return []  # --basetemp: the user's folder, the user's business
-    earlier = sorted((f for f in basetemp.parent.glob("pytest-[0-9]*")
-                      if f != basetemp and f.name.removeprefix("pytest-").isdigit()), key=_number)
     removed = []
-    for folder in earlier[:-1]:
-        if not _in_use(folder):
+    for folder in sorted(basetemp.parent.glob("pytest-[0-9]*")):
+        if folder != basetemp and folder.name.removeprefix("pytest-").isdigit() and not _in_use(folder):
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder)
     return removed
