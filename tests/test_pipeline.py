@@ -188,6 +188,9 @@ def _interrupt_when(project: Project, seen: str, sig: int, *, timeout: float = 6
 def test_interrupted_linuxkit_build_is_stopped_and_redone(dev_project: Project, tmp_path: Path, sig: int) -> None:
     project = _copy(dev_project, tmp_path / "hook")
     project.replace("linuxkit/hook.yaml", "Welcome to HookOS", "Welcome to the interrupted HookOS")
+    scratch = tmp_path / "tmpdir"
+    scratch.mkdir()
+    project.env["TMPDIR"] = str(scratch)
     code, output = _interrupt_when(project, "linuxkit build --format", sig)
     assert code != 0
     assert f"hook: linuxkit:dev-{ARCH} failed: interrupted" in output, output[-3000:]
@@ -195,6 +198,7 @@ def test_interrupted_linuxkit_build_is_stopped_and_redone(dev_project: Project, 
     time.sleep(0.5)
     assert _processes_under(project.root) == []  # linuxkit stopped with doit
     assert not list(project.out(f"linuxkit/dev/{ARCH}").glob(".linuxkit-*"))
+    assert list(scratch.iterdir()) == []  # linuxkit's image tar went with our folder, not left in $TMPDIR
     again = project.doit("dev_dist")
     assert f"linuxkit:dev-{ARCH}" in again.executed
     assert "Welcome to the interrupted HookOS" in _initramfs_file(project.out(f"dev/{ARCH}/initramfs-{ARCH}"),

@@ -46,7 +46,8 @@ def build(
     LinuxKit writes into a fresh temporary directory beside outdir; its outputs are moved into
     place only when it succeeded, so a failure never leaves a kernel or initrd that looks finished.
     Its working directory is the configs' folder, where `source:` paths of `files` entries point.
-    An interrupt (Ctrl-C, SIGTERM) stops linuxkit (tasks.run.run) and removes the temporary folder.
+    An interrupt (Ctrl-C, SIGTERM) stops linuxkit (tasks.run.run) and removes the temporary folder, which
+    is linuxkit's $TMPDIR too.
     """
     exe = find_tool(linuxkit, setting="linuxkit")
     outdir.mkdir(parents=True, exist_ok=True)
@@ -59,7 +60,9 @@ def build(
         for mirror in mirrors:
             argv += ["--mirror", mirror]
         argv += [str(c) for c in configs]
-        run(argv, tool="linuxkit build", cwd=configs[0].parent, secrets=secrets,
+        # LinuxKit writes the whole image as a tar to $TMPDIR before it converts it, and a killed linuxkit
+        # leaves that (hundreds of MB) behind: in our temporary folder it goes with the folder.
+        run(argv, tool="linuxkit build", cwd=configs[0].parent, secrets=secrets, env={**os.environ, "TMPDIR": str(tmp)},
             fix="check the image names in the config and that they exist (local engine for dev builds)")
         made = {}
         for kind in LINUXKIT_OUTPUTS:
