@@ -15,7 +15,6 @@ echo "==> python: pip install -e .[test]" >&2
 python3 -m pip install -q --disable-pip-version-check -e '.[test]' 2> >(grep -v 'is ignored: it is neither a file' >&2)
 echo "==> test OS: LinuxKit's packages from Debian parts and LinuxKit's Go sources (hack/test-os.py)" >&2
 CACHE=${HOOK_TEST_CACHE:-/var/cache/hook-test}
-NEED_GB=10  # measured: a whole run peaked at 5.4 GB over its start
 python3 hack/test-os.py --cache "$CACHE"
 echo "==> linuxkit v1.8.2 from ../shared/linuxkit/src (python -m tasks.tools)" >&2
 mkdir -p "$CACHE/bin"
@@ -27,6 +26,7 @@ echo "==> lint-imports: the layout (docs/ARCHITECTURE.md)" >&2
 lint-imports --no-cache
 # A run needs some room: its builds, disks and registries peak at several GB in $TMPDIR (tests/hygiene.py
 # cleans up after each run). Say so up front, rather than fail an hour in with 'no space left on device'.
+NEED_GB=10  # measured: a whole run peaked at 5.4 GB over its start
 for dir in "${TMPDIR:-/tmp}" "$(docker info --format '{{.DockerRootDir}}' 2>/dev/null || echo /var/lib/docker)"; do
   [ -d "$dir" ] || continue
   avail_kb=$(df --output=avail -k "$dir" 2>/dev/null | tail -n 1 | tr -dc 0-9 || true)

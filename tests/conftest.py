@@ -56,13 +56,9 @@ def disk_hygiene(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     if engine:
         tidy_engine()
     cache = tmp_path_factory.mktemp("linuxkit-cache")
-    before = os.environ.get("LINUXKIT_CACHE")
-    os.environ["LINUXKIT_CACHE"] = str(cache)
-    yield
-    if before is None:
-        os.environ.pop("LINUXKIT_CACHE", None)
-    else:
-        os.environ["LINUXKIT_CACHE"] = before
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("LINUXKIT_CACHE", str(cache))
+        yield
     shutil.rmtree(cache, ignore_errors=True)
     if engine and not other_sessions():
         tidy_engine()

@@ -16,7 +16,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from tests.pipeline_env import LOCAL_ORG
+from tests.pipeline_env import LOCAL_ORG, command_lines
 
 #: Repository prefixes of the images the tests make and nothing caches: the pipeline's builds
 #: (content-hash tags), anything pushed to a test registry, and the tests' own one-off images.
@@ -52,19 +52,11 @@ def leftover_tags() -> list[str]:
 
 
 def other_sessions() -> list[int]:
-    """The pids of other pytest processes on this machine (from /proc): while one runs, its images are in
-    use, so the engine is left alone."""
+    """The pids of other pytest processes on this machine (`pytest`, or `python -m pytest`): while one
+    runs, its images are in use, so the engine is left alone."""
     mine = os.getpid()
-    found = []
-    for entry in Path("/proc").glob("[0-9]*"):
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if int(entry.name) != mine and any(Path(a.decode(errors="replace")).name in ("pytest", "py.test")
-                                           or a == b"pytest" for a in argv[:3]):
-            found.append(int(entry.name))
-    return found
+    return [pid for pid, argv in command_lines().items()
+            if pid != mine and any(Path(a).name in ("pytest", "py.test") for a in argv[:3])]
 
 
 def tidy_engine() -> None:
@@ -85,7 +77,10 @@ def tidy_engine() -> None:
 def _in_use(folder: Path) -> bool:
     """pytest's `.lock` in a session folder holds its pid while that session runs."""
     try:
-        os.kill(int((folder / ".lock").read_text().strip() or 0), 0)
+        pid = int((folder / ".lock").read_text().strip())
+        if pid <= 0:  # kill(0 or -1, 0) would ask about whole process groups, not one session
+            return False
+        os.kill(pid, 0)
     except (OSError, ValueError):
         return False
     return True

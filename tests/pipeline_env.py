@@ -181,3 +181,15 @@ def image_files(ref: str, names: list[str], dest: Path) -> dict[str, Path]:
     finally:
         subprocess.run(["docker", "rm", container], capture_output=True)
     return {name: dest / name for name in names}
+
+
+def command_lines() -> dict[int, list[str]]:
+    """{pid: argv} of the live processes on this machine, from /proc (one that ends meanwhile is skipped)."""
+    found = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            raw = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        found[int(entry.name)] = [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+    return found

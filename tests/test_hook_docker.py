@@ -38,6 +38,8 @@ from programs_helpers import (
     wait_until,
 )
 
+from tests.pipeline_env import command_lines
+
 hook_docker = programs_helpers.program("hook_docker")
 
 PASSWORD = "dind=s3cret pw"
@@ -151,15 +153,7 @@ class Private:
 
 def _processes_under(base: Path) -> list[int]:
     """PIDs of processes whose command line mentions base (the dockerd and containerd we started)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if str(base).encode() in (entry / "cmdline").read_bytes():
-                    pids.append(int(entry.name))
-            except OSError:
-                continue
-    return pids
+    return [pid for pid, argv in command_lines().items() if any(str(base) in a for a in argv)]
 
 
 @pytest.fixture

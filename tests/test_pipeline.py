@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tasks.core.arch import Arch
-from tests.pipeline_env import Project, copy_out, make_project
+from tests.pipeline_env import Project, command_lines, copy_out, make_project
 
 pytestmark = pytest.mark.slow
 ARCH = Arch.native()
@@ -156,15 +156,8 @@ def test_debug_image_adds_sshd_and_the_users_keys(debug_project: Project, ssh_ke
 
 def _processes_under(root: Path) -> list[str]:
     """Command lines of live processes that name a path inside root (our tools run with it)."""
-    found = []
-    for entry in Path("/proc").glob("[0-9]*"):
-        try:
-            argv = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if str(root) in argv and "pytest" not in argv:
-            found.append(argv.strip())
-    return found
+    lines = (" ".join(argv) for argv in command_lines().values())
+    return [line for line in lines if str(root) in line and "pytest" not in line]
 
 
 def _interrupt_when(project: Project, seen: str, sig: int, *, timeout: float = 600) -> tuple[int, str]:
