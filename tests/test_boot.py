@@ -81,8 +81,22 @@ def assert_password_only_in_kernel_cmdline(console: str, password: str) -> None:
 
 def service_logs(g: qemu.Guest) -> str:
     """hook-docker's and hook-bootkit's logs (LinuxKit writes each service's to /var/log/<name>.log),
-    printed on the console: from then on the console shows all they ever logged."""
+    printed on the console: from then on the console shows all they ever logged. The console may
+    also carry, in the middle of them, a line the programs mirror there while cat runs; to ask what
+    came before what, take file_lines() of it."""
     return g.sh("cat /var/log/hook-docker.log /var/log/hook-bootkit.log", timeout=120).output
+
+
+#: A line of the programs' log files: 'TIME PROGRAM LEVEL message' (hookcommon.log.setup_logging);
+#: what they mirror on the console is 'PROGRAM: LEVEL message', without the time.
+FILE_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ \S+ [A-Z]+ .*$", re.M)
+
+
+def file_lines(output: str) -> str:
+    """The log-file lines of a cat on the serial console, without the console lines that came between:
+    a warning or milestone line the programs write on /dev/console while cat prints shows up among
+    the file's lines (CI once saw 'started dockerd' there, before the lines that preceded it)."""
+    return "".join(f"{m.group(0)}\n" for m in FILE_LINE.finditer(output))
 
 
 @pytest.fixture(scope="module")

@@ -38,6 +38,7 @@ from tests.test_boot import (
     MEMORY_MB,
     SMP,
     WORKER_IMAGE,
+    file_lines,
     in_service,
     packaged,
     report,
@@ -357,7 +358,8 @@ def _guest(files: tuple[Path, Path], log: Path, nics: list[qemu.Nic]) -> qemu.Gu
 
 
 def _embedded_logs(g: qemu.Guest) -> str:
-    return g.sh("grep -h -E 'embedded|pull' /var/log/hook-docker.log /var/log/hook-bootkit.log", timeout=120).output
+    return file_lines(g.sh("grep -h -E 'embedded|pull' /var/log/hook-docker.log /var/log/hook-bootkit.log",
+                           timeout=120).output)
 
 
 @pytest.mark.slow

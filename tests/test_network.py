@@ -60,6 +60,7 @@ from tests.test_boot import (
     MARKER,
     MEMORY_MB,
     SMP,
+    file_lines,
     in_service,
     packaged,
     report,
@@ -791,7 +792,7 @@ def test_boot_ipam_static_no_dhcp(boot_files: tuple[Path, Path], worker_registry
         assert lines_in(worker, "10.0.2.15"), worker
         ps = g.sh(in_service("hook-docker", "ps -o comm")).output
         assert "udhcpc" not in ps and "dhcpcd" not in ps, ps
-        logs = service_logs(g)
+        logs = file_lines(service_logs(g))
         assert before(logs, "network: ipam=: static 10.0.2.15/24", "started dockerd"), logs[-3000:]
     frames = read_pcap(pcap)
     assert dhcp_messages(frames) == [], summary(dhcp_messages(frames))
@@ -817,11 +818,11 @@ def test_boot_vlan_dhcp_tagged_only(boot_files: tuple[Path, Path], worker_regist
         vlan = g.sh("cat /proc/net/vlan/config").output
         assert re.search(rf"{NIC0}\.100\s*\|\s*100\s*\|\s*{NIC0}", vlan), vlan
         deadline = time.monotonic() + 120
-        while "started dockerd" not in (logs := g.sh("cat /var/log/hook-docker.log").output):
+        while "started dockerd" not in (logs := file_lines(g.sh("cat /var/log/hook-docker.log").output)):
             assert time.monotonic() < deadline, logs[-3000:]
             time.sleep(3)
         report(g, "vlan_id=")
-        assert before(logs, f"no DHCP lease on {NIC0}.100 after 30s", "started dockerd")
+        assert before(logs, f"no DHCP lease on {NIC0}.100 after 30s", "started dockerd"), logs[-3000:]
     messages = dhcp_messages(read_pcap(pcap))
     print(f"[vlan_id=] {summary(messages)}")
     assert messages and all(m.vlan == 100 and m.src_mac == mac for m in messages), summary(messages)
