@@ -89,8 +89,14 @@ def elf_machine_of_file(path: str) -> str:
     return in_service("hook-docker", f"python3 -c \"print(open('/host_root{path}', 'rb').read(20)[18])\"")
 
 
+#: Lines the console shares with a command's output: a program's mirrored warning or milestone
+#: ('hook-bootkit: INFO ...') and a kernel message ('[  61.234] ...').
+CONSOLE_ONLY = re.compile(r"^(?:[\w.-]+: (?:DEBUG|INFO|WARNING|ERROR|CRITICAL) |\[\s*\d+\.\d+\] )")
+
+
 def last_line(output: str) -> str:
-    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    """The command's last line of output, skipping what the console showed between its lines."""
+    lines = [line.strip() for line in output.splitlines() if line.strip() and not CONSOLE_ONLY.match(line.strip())]
     return lines[-1] if lines else ""
 
 
