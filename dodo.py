@@ -234,7 +234,8 @@ def _iso_tasks(build: Build):
         record = iso.iso_record(S, build, arch)
         yield {
             "name": str(arch),
-            "file_dep": _relative([*boot_files(S, build, arch), tools.record_path(S, iso.TOOLS), *ISO_CODE]),
+            "file_dep": _relative([*boot_files(S, build, arch), tools.record_path(S, iso.TOOLS), *ISO_CODE,
+                                   *iso.sign_files(S)]),
             "targets": _relative([iso.iso_path(S, build, arch), record]),
             "task_dep": [f"package:{build.name}"],  # both write checksum.txt: one after the other
             "uptodate": [config_changed(iso.iso_config(S, arch)),

@@ -13,7 +13,7 @@ log() { printf '==> %s\n' "$*" >&2; }
 
 need_pkgs=()
 for p in docker.io docker-registry qemu-system-x86 qemu-user-static busybox-static cpio \
-         debootstrap zstd xz-utils pigz iproute2 apache2-utils openssh-client gcc libc6-dev patch ovmf kmod \
+         debootstrap zstd xz-utils pigz iproute2 apache2-utils openssh-client gcc libc6-dev patch ovmf kmod openssl \
          qemu-system-arm qemu-efi-aarch64 gcc-aarch64-linux-gnu libc6-dev-arm64-cross; do
   dpkg -s "$p" >/dev/null 2>&1 || need_pkgs+=("$p")
 done

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -85,3 +86,40 @@ def test_every_setting_has_an_env_name_and_doc() -> None:
     for setting in SETTINGS:
         assert setting.env == "HOOK_" + setting.name.upper()
         assert setting.doc
+
+
+def test_iso_signing_key_and_certificate_are_checked_up_front(tmp_path: Path) -> None:
+    """iso_sign_key and iso_sign_cert go together, as PEM files, the key without a passphrase; a
+    refusal names the setting and never quotes the key."""
+    secret = "MIIEvQIBADANBgkqhkiG9w0BAQEFAASCBKcwggSjAgEAAoIBAQC7hooksecretmaterial"
+    key, cert = tmp_path / "hook.key", tmp_path / "hook.crt"
+    key.write_text(f"-----BEGIN PRIVATE KEY-----\n{secret}\n-----END PRIVATE KEY-----\n")
+    cert.write_text("-----BEGIN CERTIFICATE-----\nMIIC\n-----END CERTIFICATE-----\n")
+    encrypted = tmp_path / "encrypted.key"
+    encrypted.write_text(f"-----BEGIN ENCRYPTED PRIVATE KEY-----\n{secret}\n-----END ENCRYPTED PRIVATE KEY-----\n")
+    der = tmp_path / "hook.der"
+    der.write_bytes(b"0\x82\x03\x1d0\x82\x02\x05\xa0\x03\x02\x01\x02")
+    assert settings().iso_sign is None
+    assert settings({"iso_sign_key": str(key), "iso_sign_cert": str(cert)}).iso_sign == (key, cert)
+    refusals = {
+        "iso_sign_key needs iso_sign_cert too": {"iso_sign_key": str(key)},
+        "iso_sign_cert needs iso_sign_key too": {"iso_sign_cert": str(cert)},
+        f"iso_sign_key='{tmp_path}/none.key': cannot read it (No such file or directory)":
+            {"iso_sign_key": str(tmp_path / "none.key"), "iso_sign_cert": str(cert)},
+        "iso_sign_key='{cert}' is not a PEM private key": {"iso_sign_key": str(cert), "iso_sign_cert": str(cert)},
+        f"iso_sign_cert='{der}' is not a PEM certificate": {"iso_sign_key": str(key), "iso_sign_cert": str(der)},
+        f"iso_sign_key='{encrypted}' is encrypted: the build signs unattended":
+            {"iso_sign_key": str(encrypted), "iso_sign_cert": str(cert)},
+    }
+    for message, given in refusals.items():
+        with pytest.raises(HookError) as err:
+            settings(given)
+        assert message.replace("{cert}", str(cert)) in str(err.value), str(err.value)
+        assert "\n" not in str(err.value) and secret not in str(err.value)
+
+
+def test_the_readme_documents_every_setting() -> None:
+    """Every setting has its row in the README's settings table (name, default, meaning)."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    rows = set(re.findall(r"^\| `([a-z0-9_]+)`(?: \(`[a-z]+=`\))? \|", readme, re.M))
+    assert [s.name for s in SETTINGS if s.name not in rows] == []

@@ -466,21 +466,29 @@ def strip_signature(kernel: Path, target: Path) -> Path:
 
 
 def sb_guest(image: Path, folder: Path, *, secure_boot: bool, memory_mb: int = 512,
-             nics: list[qemu.Nic] | None = None, serial1: Path | None = None) -> qemu.Guest:
+             nics: list[qemu.Nic] | None = None, serial1: Path | None = None,
+             variables: Path | None = None) -> qemu.Guest:
     """A UEFI boot of the ISO from a CD under OVMF's 4 MB build: with Secure Boot on (Microsoft's keys
-    enrolled, SMM), or off."""
-    extra = [*netboot.firmware_args(uefi=True, vars_copy=folder / "vars.fd", secure_boot=secure_boot),
+    enrolled, SMM; or the variables given), or off."""
+    extra = [*netboot.firmware_args(uefi=True, vars_copy=folder / "vars.fd", secure_boot=secure_boot,
+                                    variables=variables),
              "-cdrom", str(image), "-device", "virtio-rng-pci"]
     return qemu.Guest(None, None, arch=ARCH, memory_mb=memory_mb, accel="tcg", smp=SMP, nics=nics, extra=extra,
                       log=folder / "console.log", milestone_patterns=ISO_MILESTONES, serial1=serial1)
 
 
 @pytest.fixture(scope="module")
-def unsigned_iso(tool_ref: str, small_files: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("unsigned")
-    kernel = strip_signature(small_files[0], folder / "vmlinuz")
+def unsigned_kernel(small_files: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    kernel = strip_signature(small_files[0], tmp_path_factory.mktemp("unsigned-kernel") / "vmlinuz")
     assert iso.kernel_signers(kernel) is None and iso.kernel_signers(small_files[0])
-    return small_iso(tool_ref, (kernel, small_files[1]), folder / "unsigned.iso", arch=Arch.X86_64)
+    return kernel
+
+
+@pytest.fixture(scope="module")
+def unsigned_iso(tool_ref: str, small_files: tuple[Path, Path], unsigned_kernel: Path,
+                 tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("unsigned")
+    return small_iso(tool_ref, (unsigned_kernel, small_files[1]), folder / "unsigned.iso", arch=Arch.X86_64)
 
 
 @pytest.mark.slow
@@ -492,22 +500,150 @@ def test_secure_boot_enforces_the_chain(small_x86: Path, unsigned_iso: Path, ker
     on, and the kernel says so; the same ISO with the kernel's signature removed is refused by the
     chain with Secure Boot on (GRUB: shim's verification failed) and boots with it off."""
     image = small_x86 if kernel == "signed" else unsigned_iso
-    with sb_guest(image, tmp_path, secure_boot=secure_boot) as g:
-        if kernel == "unsigned" and secure_boot:
-            refused = g.wait_for(re.compile(r"error: (bad shim signature|[^\r\n]*verification failed)[^\r\n]*"),
-                                 timeout=300)
-            print(f"\n[Secure Boot, unsigned kernel] GRUB says: {refused.group(0)}")
+    small_uefi_boot(image, tmp_path, secure_boot=secure_boot, refused=kernel == "unsigned" and secure_boot,
+                    name=f"small ISO, OVMF {'Secure Boot' if secure_boot else 'no Secure Boot'}, {kernel} kernel")
+
+
+def small_uefi_boot(image: Path, folder: Path, *, secure_boot: bool, refused: bool, name: str,
+                    variables: Path | None = None) -> None:
+    """Boot a small ISO under OVMF: refused, GRUB says shim's verification failed and no kernel
+    starts; else the small init runs, and the kernel says whether Secure Boot is on (and locks down)."""
+    with sb_guest(image, folder, secure_boot=secure_boot, variables=variables) as g:
+        if refused:
+            error = g.wait_for(re.compile(r"error: (bad shim signature|[^\r\n]*verification failed)[^\r\n]*"),
+                               timeout=300)
+            print(f"\n[{name}] GRUB says: {error.group(0)}")
             time.sleep(5)
             assert "Linux version" not in g.console and SMALL_MARKER not in g.console
             return
         g.wait_for(re.compile(rf"{SMALL_MARKER} cmdline="), timeout=300)
-        report(g, f"small ISO, OVMF {'Secure Boot' if secure_boot else 'no Secure Boot'}, {kernel} kernel")
+        report(g, name)
         assert g.wait_exit(60) == 0
     if secure_boot:
         assert "secureboot: Secure boot enabled" in g.console
         assert "Kernel is locked down from EFI Secure Boot" in g.console
     else:
         assert "Secure boot enabled" not in g.console
+
+
+# --- iso_sign_key: the ISO's copy of the kernel signed with the user's own key ---------------------------
+
+SIGN_CN = "hook test ISO signing key"
+#: The owner GUID of our entry in db or MokList (any GUID: it records who added the entry).
+CERT_OWNER = "6b6f6f68-7465-7374-8000-6b65792d6869"
+
+
+@pytest.fixture(scope="module")
+def sign_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A key and self-signed certificate, made as docs/iso.md tells users to."""
+    folder = tmp_path_factory.mktemp("sign")
+    key, cert = folder / "hook.key", folder / "hook.crt"
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.fail("no openssl: apt-get install openssl (hack/setup-test-machine.sh)")
+    subprocess.run([openssl, "req", "-new", "-x509", "-newkey", "rsa:2048", "-nodes", "-sha256", "-days", "3650",
+                    "-subj", f"/CN={SIGN_CN}/", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    return key, cert
+
+
+def kernel_in_iso(data: bytes, kernel: Path) -> bytes:
+    """The ISO's copy of a kernel whose first bytes may differ (a signature changes the PE header):
+    found by the bytes after its header; its end from the PE certificate table."""
+    original = kernel.read_bytes()
+    at = data.find(original[4096:8192])
+    assert at >= 4096, "the kernel is not in the ISO"
+    start = at - 4096
+    head = data[start:start + 4096]
+    pe = struct.unpack_from("<I", head, 0x3C)[0]
+    optional = pe + 24
+    entry = optional + (112 if struct.unpack_from("<H", head, optional)[0] == 0x20B else 96) + 4 * 8
+    offset, size = struct.unpack_from("<II", head, entry)
+    return data[start:start + (offset + size if size else len(original))]
+
+
+def signed_vars(folder: Path, cert: Path, where: str) -> Path:
+    """OVMF's Secure Boot variables (Microsoft's keys) with our certificate in db or in shim's MokList,
+    as the firmware setup, a BMC or `mokutil --import` would leave them (virt-fw-vars)."""
+    tool = Path(sys.executable).with_name("virt-fw-vars")
+    if not tool.is_file():
+        pytest.fail(f"no {tool}: pip install -e '.[test]' (virt-firmware)")
+    target = folder / f"vars-{where}.fd"
+    subprocess.run([str(tool), "--input", str(netboot.OVMF_SB_VARS), "--output", str(target),
+                    f"--add-{where}", CERT_OWNER, str(cert)], check=True, capture_output=True)
+    return target
+
+
+@pytest.fixture(scope="module")
+def signed_iso(tool_ref: str, small_files: tuple[Path, Path], unsigned_kernel: Path, sign_pair: tuple[Path, Path],
+               tmp_path_factory: pytest.TempPathFactory) -> Path:
+    target = tmp_path_factory.mktemp("signed") / "signed.iso"
+    iso.make_iso_file(tool_ref=tool_ref, kernel=unsigned_kernel, initrd=small_files[1], arch=Arch.X86_64,
+                      cmdline="console=ttyS0 panic=-1 worker_id=small-signed", target=target,
+                      source_date_epoch=EPOCH, sign=sign_pair)
+    return target
+
+
+@pytest.mark.slow
+def test_iso_sign_key_signs_the_isos_kernel(tool_ref: str, small_files: tuple[Path, Path], unsigned_kernel: Path,
+                                            sign_pair: tuple[Path, Path], signed_iso: Path, tmp_path: Path,
+                                            capfd: pytest.CaptureFixture[str]) -> None:
+    """The ISO's kernel carries a signature by the user's key, the same inputs give the same bytes,
+    the key is nowhere in the ISO or the build log, which names the certificate to enrol; Debian's
+    signed kernel keeps Debian's signature and gets ours beside it; a key that is not the
+    certificate's is a one-line error and leaves no ISO."""
+    key, cert = sign_pair
+    data = signed_iso.read_bytes()
+    assert iso.kernel_signers(unsigned_kernel) is None
+    copy = tmp_path / "vmlinuz"
+    copy.write_bytes(kernel_in_iso(data, unsigned_kernel))
+    assert iso.kernel_signers(copy) == [SIGN_CN]
+
+    again = tmp_path / "again.iso"
+    capfd.readouterr()
+    iso.make_iso_file(tool_ref=tool_ref, kernel=unsigned_kernel, initrd=small_files[1], arch=Arch.X86_64,
+                      cmdline="console=ttyS0 panic=-1 worker_id=small-signed", target=again,
+                      source_date_epoch=EPOCH, sign=sign_pair)
+    log = "".join(capfd.readouterr())
+    assert again.read_bytes() == data  # reproducible, signature included
+    body = "".join(line for line in key.read_text().splitlines() if "-----" not in line)
+    for chunk in (body[i:i + 40] for i in range(0, len(body) - 40, 40)):
+        assert chunk.encode() not in data and chunk not in log
+    assert re.search(rf"signed by {SIGN_CN} \(iso_sign_cert: the machines must trust '{SIGN_CN}', enrolled as a "
+                     r"MOK or in db", log), log[-2000:]
+    assert "signed the kernel with iso_sign_key: 1 signature(s)" in log, log[-2000:]
+
+    both = tmp_path / "both.iso"
+    iso.make_iso_file(tool_ref=tool_ref, kernel=small_files[0], initrd=small_files[1], arch=Arch.X86_64,
+                      cmdline="console=ttyS0", target=both, source_date_epoch=EPOCH, sign=sign_pair)
+    copy.write_bytes(kernel_in_iso(both.read_bytes(), small_files[0]))
+    debian = iso.kernel_signers(small_files[0]) or []
+    assert debian and iso.kernel_signers(copy) == [*debian, SIGN_CN]
+
+    other = tmp_path / "other.key"
+    subprocess.run(["openssl", "genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", str(other)],
+                   check=True, capture_output=True)
+    wrong = tmp_path / "wrong.iso"
+    with pytest.raises(HookError) as err:
+        iso.make_iso_file(tool_ref=tool_ref, kernel=unsigned_kernel, initrd=small_files[1], arch=Arch.X86_64,
+                          cmdline="console=ttyS0", target=wrong, source_date_epoch=EPOCH, sign=(other, cert))
+    message = str(err.value)
+    print(f"\n[iso_sign_key, the wrong key] {message}")
+    assert "sbsign could not sign the kernel with iso_sign_key and iso_sign_cert" in message
+    assert "is the key the certificate's" in message and "\n" not in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["again.iso", "both.iso", "other.key", "vmlinuz"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(ARCH is not Arch.X86_64, reason="OVMF's Secure Boot build is x86_64")
+@pytest.mark.parametrize("enrolled", ["db", "mok", "nowhere"])
+def test_a_kernel_signed_with_our_key_boots_where_its_certificate_is_enrolled(
+        signed_iso: Path, sign_pair: tuple[Path, Path], enrolled: str, tmp_path: Path) -> None:
+    """A kernel that only our key signed (iso_sign_key), Secure Boot on: shim starts it when the
+    certificate is in the firmware's db or in shim's MOK list, and refuses it otherwise."""
+    variables = None if enrolled == "nowhere" else signed_vars(tmp_path, sign_pair[1], enrolled)
+    small_uefi_boot(signed_iso, tmp_path, secure_boot=True, variables=variables, refused=enrolled == "nowhere",
+                    name=f"small ISO signed with our key, Secure Boot, certificate in {enrolled}")
 
 
 # --- aarch64: the UEFI ISO under qemu-system-aarch64 (TCG) and AAVMF, a Debian arm64 kernel and busybox ---
@@ -620,7 +756,8 @@ def built_iso(iso_project: Project, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 @pytest.mark.slow
-def test_doit_iso_outputs_incremental_and_reproducible(iso_project: Project, built_iso: Path) -> None:
+def test_doit_iso_outputs_incremental_and_reproducible(iso_project: Project, built_iso: Path,
+                                                       sign_pair: tuple[Path, Path]) -> None:
     dist = iso_project.out("dist/dev")
     assert f"  hook-{ARCH}.iso\n" in (dist / "checksum.txt").read_text()
     subprocess.run(["sha512sum", "-c", "checksum.txt"], cwd=dist, check=True, capture_output=True)
@@ -643,6 +780,15 @@ def test_doit_iso_outputs_incremental_and_reproducible(iso_project: Project, bui
     assert "warning: iso_cmdline names console=ttyS0: served by Smee, the kernel's serial console is that one " \
            "whatever Smee gives" in changed.output
     assert iso.locate(iso_project.out(f"dist/dev/hook-{ARCH}.iso")).cmdline == "console=ttyS0 worker_id=other"
+    subprocess.run(["sha512sum", "-c", "checksum.txt"], cwd=dist, check=True, capture_output=True)
+
+    keys = ("iso_cmdline=console=ttyS0 worker_id=other", f"iso_sign_key={sign_pair[0]}",
+            f"iso_sign_cert={sign_pair[1]}")
+    signed = iso_project.doit("iso", *keys)
+    assert signed.executed == [f"iso:{ARCH}"]  # the ISO only
+    assert "Secure Boot: shim -> Debian's signed GRUB -> the kernel, signed by Debian Secure Boot CA" in signed.output
+    assert f"{SIGN_CN} (iso_sign_cert: the machines must trust '{SIGN_CN}'" in signed.output, signed.output[-2000:]
+    assert iso_project.doit("iso", *keys).executed == []
     subprocess.run(["sha512sum", "-c", "checksum.txt"], cwd=dist, check=True, capture_output=True)
 
     iso_project.doit("clean", f"iso:{ARCH}")

@@ -171,12 +171,15 @@ def disk_args(disks: Sequence[Disk]) -> list[str]:
     return argv
 
 
-def firmware_args(*, uefi: bool, vars_copy: Path, secure_boot: bool = False) -> list[str]:
+def firmware_args(*, uefi: bool, vars_copy: Path, secure_boot: bool = False,
+                  variables: Path | None = None) -> list[str]:
     """q35, and under UEFI OVMF's code and a copy of its variables (the firmware writes them).
-    secure_boot: OVMF's Secure Boot build with Microsoft's keys enrolled (SMM on: TCG only here)."""
+    secure_boot: OVMF's Secure Boot build with Microsoft's keys enrolled (SMM on: TCG only here).
+    variables: the variable store to start from instead (e.g. with a certificate of yours in db)."""
     if not uefi:
         return ["-machine", "q35"]
-    code, variables = (OVMF_SB_CODE, OVMF_SB_VARS) if secure_boot else (OVMF_CODE, OVMF_VARS)
+    code, default = (OVMF_SB_CODE, OVMF_SB_VARS) if secure_boot else (OVMF_CODE, OVMF_VARS)
+    variables = variables or default
     machine = ["-machine", "q35,smm=on", "-global", "driver=cfi.pflash01,property=secure,value=on"] \
         if secure_boot else ["-machine", "q35"]
     return [*machine, *qemu.pflash_args(code, variables, vars_copy, package="ovmf")]

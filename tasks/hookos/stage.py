@@ -101,11 +101,13 @@ def kernel_lines(settings: Settings, build: Build, arch: Arch) -> list[str]:
         return [f"size report: kernel {settings.kernel} (the setting kernel: not ours, not inspected)"]
     mb = 1e6
     firmware = report.get("firmware", {})
+    unsigned = ("not signed (the ISOs sign their copy: iso_sign_key)" if settings.iso_sign
+                else "not signed: it will not boot with Secure Boot on")
     lines = [
         f"size report: kernel {report['version']} ({report.get('flavour', '?')}, {report.get('package') or 'built'}; "
         f"config sha256 {report['config_sha256'][:16]}): {report['kernel_bytes'] / mb:.1f} MB, "
         f"{'EFI stub' if report.get('efi_stub') else 'no EFI stub'}, "
-        f"{'signed (Secure Boot)' if report.get('signed') else 'not signed: it will not boot with Secure Boot on'}",
+        f"{'signed (Secure Boot)' if report.get('signed') else unsigned}",
         f"size report: kernel modules: {report['modules']} ({report['modules_bytes'] / mb:.1f} MB), "
         f"{report.get('builtin', 0)} drivers built in",
         f"size report: kernel firmware: {len(firmware)} files ({report['firmware_bytes'] / mb:.1f} MB) from "

@@ -29,6 +29,7 @@ ISOs of the v1 layout (the 1024-byte area alone) are read and patched too.
 from __future__ import annotations
 
 import argparse
+import base64
 import collections
 import contextlib
 import hashlib
@@ -360,7 +361,13 @@ def iso_config(settings: Settings, arch: Arch) -> dict[str, Any]:
     """The settings an ISO is made from (doit's config_changed); its files are the task's file_dep."""
     return {"cmdline": expand(settings.iso_cmdline, arch, smee=settings.iso_smee),
             "source_date_epoch": settings.source_date_epoch, "volume_id": VOLUME_ID,
-            "area": [AREA_VERSION, AREA_SIZE, SMEE_SIZE], "smee": settings.iso_smee}
+            "area": [AREA_VERSION, AREA_SIZE, SMEE_SIZE], "smee": settings.iso_smee,
+            "signed": settings.iso_sign is not None}
+
+
+def sign_files(settings: Settings) -> list[Path]:
+    """The key and certificate the ISOs' kernel is signed with (file_dep of the ISO tasks), if any."""
+    return list(settings.iso_sign or ())
 
 
 def _stamp(kernel: Path, initrd: Path, arch: Arch) -> str:
@@ -397,35 +404,61 @@ def kernel_signers(kernel: Path) -> list[str] | None:
             return None
         handle.seek(offset)
         table = handle.read(size)
+    return _common_names(table)
+
+
+def _common_names(der: bytes) -> list[str]:
+    """The commonName values in DER data (a PE certificate table, a certificate), in order, once each."""
     names: list[str] = []
-    at = table.find(_CN)
-    while at >= 0 and at + 7 <= len(table):
-        length = table[at + 6]
-        value = table[at + 7:at + 7 + length]
-        if table[at + 5] in (0x0C, 0x13) and length < 0x80:  # UTF8String, PrintableString
+    at = der.find(_CN)
+    while at >= 0 and at + 7 <= len(der):
+        length = der[at + 6]
+        value = der[at + 7:at + 7 + length]
+        if der[at + 5] in (0x0C, 0x13) and length < 0x80:  # UTF8String, PrintableString
             name = value.decode("utf-8", "replace")
             if name not in names:
                 names.append(name)
-        at = table.find(_CN, at + 1)
+        at = der.find(_CN, at + 1)
     return names
 
 
-def secure_boot_line(kernel: Path, name: str) -> str:
+def certificate_names(cert: Path) -> list[str]:
+    """The common names (subject, issuer) of a PEM certificate: the first one's, for the build log."""
+    text = cert.read_text(encoding="ascii", errors="replace")
+    found = re.search(r"-----BEGIN CERTIFICATE-----(.*?)-----END CERTIFICATE-----", text, re.S)
+    try:
+        return _common_names(base64.b64decode("".join(found.group(1).split()))) if found else []
+    except ValueError:
+        return []
+
+
+def secure_boot_line(kernel: Path, name: str, sign_cert: Path | None = None) -> str:
     """What the build log says of an ISO and Secure Boot."""
     signers = kernel_signers(kernel)
+    if sign_cert is not None:
+        ours = certificate_names(sign_cert)[:1] or [sign_cert.name]
+        return (f"{name}: Secure Boot: shim -> Debian's signed GRUB -> the kernel, signed by "
+                f"{', '.join([*(signers or []), *ours])} (iso_sign_cert: the machines must trust {ours[0]!r}, "
+                "enrolled as a MOK or in db: docs/iso.md)")
     if signers is None:
         return (f"warning: {name}: the kernel is not signed: this ISO boots with Secure Boot off only "
-                "(sign it and enrol your key: docs/iso.md, Secure Boot)")
+                "(sign it with iso_sign_key and iso_sign_cert, and enrol the certificate: docs/iso.md, Secure Boot)")
     return f"{name}: Secure Boot: shim -> Debian's signed GRUB -> the kernel, signed by {', '.join(signers) or '?'}"
 
 
 def make_iso_file(*, tool_ref: str, kernel: Path, initrd: Path, arch: Arch, cmdline: str, target: Path,
-                  source_date_epoch: int, smee: bool = True) -> None:
+                  source_date_epoch: int, smee: bool = True, sign: tuple[Path, Path] | None = None) -> None:
     """Run the tool image: kernel, initramfs and grub.cfg in (a tar on its stdin), the ISO out (its
-    stdout, into a temporary file renamed to target when all went well)."""
+    stdout, into a temporary file renamed to target when all went well). sign: a PEM key and its
+    certificate; the tools sign the ISO's copy of the kernel with them (sbsign; an Authenticode
+    signature is deterministic, so the ISO still has the same bytes for the same inputs). The key
+    goes through the pipe only: never on a command line, in an image or in the ISO."""
     for what, path in (("kernel", kernel), ("initramfs", initrd)):
         if not path.is_file():
             raise HookError(f"{what} {path} is missing: build the OS first (doit dev_dist, dist or debug_image)")
+    members = [("vmlinuz", kernel, 0o644), ("initramfs", initrd, 0o644)]
+    if sign is not None:
+        members += [("sign.key", sign[0], 0o600), ("sign.crt", sign[1], 0o644)]
     config = grub_cfg(arch, encode(cmdline), smee=smee)
     stamp = _stamp(kernel, initrd, arch)
     docker = find_tool("docker")
@@ -439,9 +472,9 @@ def make_iso_file(*, tool_ref: str, kernel: Path, initrd: Path, arch: Arch, cmdl
     def feed(stdin: BinaryIO) -> None:
         try:
             with tarfile.open(fileobj=stdin, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
-                for member, source in (("vmlinuz", kernel), ("initramfs", initrd)):
+                for member, source, mode in members:
                     info = tarfile.TarInfo(member)
-                    info.size, info.mtime, info.mode = source.stat().st_size, source_date_epoch, 0o644
+                    info.size, info.mtime, info.mode = source.stat().st_size, source_date_epoch, mode
                     with source.open("rb") as handle:
                         tar.addfile(info, handle)
                 info = tarfile.TarInfo("grub.cfg")
@@ -490,8 +523,9 @@ def make_iso_file(*, tool_ref: str, kernel: Path, initrd: Path, arch: Arch, cmdl
             raise HookError(f"could not send the boot files to the ISO tools: {failures[0]}")
         if rc != 0:
             last = " | ".join(x for x in tail if x.strip()) or "no output"
+            hint = "" if "iso_sign" in last else "; try: doit forget iso_tools, then run again"  # the key is the user's
             raise HookError(f"the ISO tools ({tool_ref}) failed (exit {rc}) after {time.monotonic() - started:.1f}s: "
-                            f"{last}; try: doit forget iso_tools, then run again")
+                            f"{last}{hint}")
         try:
             area = locate(partial)
         except HookError as exc:
@@ -507,7 +541,7 @@ def make_iso_file(*, tool_ref: str, kernel: Path, initrd: Path, arch: Arch, cmdl
             partial.unlink()
     log_step(f"{target.name}: {target.stat().st_size} bytes in {time.monotonic() - started:.1f}s; "
              f"cmdline: {canonical(cmdline)}")
-    log_step(secure_boot_line(kernel, target.name))
+    log_step(secure_boot_line(kernel, target.name, sign[1] if sign else None))
 
 
 def make_iso(settings: Settings, build: Build, arch: Arch, record: Path) -> None:
@@ -522,7 +556,7 @@ def make_iso(settings: Settings, build: Build, arch: Arch, record: Path) -> None
                  "serial console is that one whatever Smee gives (Linux takes the first ttyS named); leave the "
                  "consoles to Smee ({consoles}), or set iso_smee=false")
     make_iso_file(tool_ref=tool_ref, kernel=kernel, initrd=initrd, arch=arch, cmdline=cmdline, target=target,
-                  source_date_epoch=settings.source_date_epoch, smee=settings.iso_smee)
+                  source_date_epoch=settings.source_date_epoch, smee=settings.iso_smee, sign=settings.iso_sign)
     digest = sha512(target)
     update_checksums(target.parent, {target.name: digest})
     stat = target.stat()

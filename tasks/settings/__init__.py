@@ -79,6 +79,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("iso_smee", "true", "the ISO carries Tinkerbell's placeholder that Smee patches as it serves it: "
             "true or false"),
     Setting("iso_base", "", "hook-iso (ISO tools) BASE_IMAGE build arg, a Debian with apt; empty: Dockerfile's"),
+    Setting("iso_sign_key", "", "a PEM private key the ISOs' kernel is signed with for Secure Boot (sbsign; with "
+            "iso_sign_cert; enrol that certificate as a MOK or in db: docs/iso.md); empty: not signed by us"),
+    Setting("iso_sign_cert", "", "the PEM X.509 certificate of iso_sign_key"),
     Setting("embed_images", "", "images in hook-docker's engine at boot: comma list of 'IMAGE [NAME]', or @FILE "
             "(one a line); local builds take them from the engine, dist from the registry (docs/embedded.md)"),
     Setting("artifacts", "false", "doit dist also pushes the files as OCI images <org>/hook-artifacts:<version> "
@@ -120,6 +123,8 @@ class Settings:
     iso_cmdline: str = "{consoles}"
     iso_base: str = ""
     iso_smee: bool = True
+    #: the key and certificate the ISOs' kernel is signed with (sbsign), or None
+    iso_sign: tuple[Path, Path] | None = None
     #: `SOURCE` or `SOURCE NAME` per embedded image (tasks.settings.embed_list parses and validates them)
     embed_images: tuple[str, ...] = ()
     kernel_flavour: str = "debian"
@@ -191,6 +196,34 @@ def _flag(name: str, value: str) -> bool:
     if value.lower() in _TRUE + _FALSE:
         return value.lower() in _TRUE
     raise HookError(f"setting {name}={value!r} is not true or false")
+
+
+def _iso_sign(key_text: str, cert_text: str, root: Path) -> tuple[Path, Path] | None:
+    """iso_sign_key and iso_sign_cert: both or neither; PEM files, the key not encrypted (sbsign runs
+    unattended). What a file holds is never quoted: one of them is a private key."""
+    if not key_text and not cert_text:
+        return None
+    if not key_text or not cert_text:
+        given, missing = ("iso_sign_key", "iso_sign_cert") if key_text else ("iso_sign_cert", "iso_sign_key")
+        raise HookError(f"setting {given} needs {missing} too: the key and its certificate sign the ISOs' kernel "
+                        "together (docs/iso.md, Secure Boot)")
+    paths = []
+    for name, text, begin in (("iso_sign_key", key_text, b"PRIVATE KEY-----"),
+                              ("iso_sign_cert", cert_text, b"-----BEGIN CERTIFICATE-----")):
+        path = _path(text, root)
+        try:
+            head = path.read_bytes()[:1 << 16]
+        except OSError as exc:
+            raise HookError(f"setting {name}={text!r}: cannot read it ({exc.strerror or exc})") from None
+        if b"-----BEGIN " not in head or begin not in head:
+            what = "a PEM private key (-----BEGIN PRIVATE KEY-----)" if name == "iso_sign_key" else \
+                "a PEM certificate (-----BEGIN CERTIFICATE-----; openssl x509 -inform DER -in C.der -out C.crt)"
+            raise HookError(f"setting {name}={text!r} is not {what}")
+        if name == "iso_sign_key" and b"ENCRYPTED" in head:
+            raise HookError(f"setting iso_sign_key={text!r} is encrypted: the build signs unattended; give it "
+                            "without a passphrase (openssl pkey -in KEY -out KEY.plain; readable by you only)")
+        paths.append(path)
+    return paths[0], paths[1]
 
 
 def _deploy_from(text: str, root: Path) -> str:
@@ -288,6 +321,8 @@ def load_settings(
     except HookError as exc:
         raise HookError(f"setting iso_cmdline: {exc}") from None
 
+    iso_sign = _iso_sign(get("iso_sign_key"), get("iso_sign_cert"), root)
+
     kernel, kernel_version, debian_builder = get("kernel"), get("kernel_version"), get("debian_builder")
     kernel_flavour = get("kernel_flavour")
     if kernel_flavour not in KERNEL_FLAVOURS:
@@ -354,6 +389,7 @@ def load_settings(
         iso_cmdline=iso_cmdline,
         iso_base=_check("iso_base", iso_base, REF, "an image reference") if iso_base else "",
         iso_smee=_flag("iso_smee", get("iso_smee")),
+        iso_sign=iso_sign,
         embed_images=parse_embed_images(get("embed_images"), root),
         artifacts=_flag("artifacts", get("artifacts")),
         webroot=webroot,
