@@ -55,10 +55,11 @@ PIN
     golang-1.24-go >/dev/null
 fi
 
-# dockerd: start it unless it already answers.
+# dockerd: start it unless it already answers; in a session of its own, so that a Ctrl-C of the test
+# run (or a kill of its process group) does not take the engine down with it.
 if ! docker info >/dev/null 2>&1; then
   log "dockerd: starting"
-  nohup dockerd >/var/log/hook-test-dockerd.log 2>&1 &
+  setsid nohup dockerd >/var/log/hook-test-dockerd.log 2>&1 </dev/null &
   for _ in $(seq 1 60); do docker info >/dev/null 2>&1 && break; sleep 0.5; done
   docker info >/dev/null 2>&1 || { echo "dockerd did not start; see /var/log/hook-test-dockerd.log" >&2; exit 1; }
 fi
