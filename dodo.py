@@ -28,7 +28,7 @@ from tasks.images.bases import BaseResolver
 from tasks.images.plan import ImagePlan, image_records, plan_images, refresh_bases
 from tasks.images.specs import context_files, is_current
 from tasks.kernel import source as source_kernel
-from tasks.media import iso
+from tasks.media import iso, netboot_sb
 from tasks.media.package import package_build
 from tasks.settings import SETTINGS, load_settings
 from tasks.settings.builds import (
@@ -85,6 +85,7 @@ def _code(*packages: str, skip: tuple[str, ...] = ()) -> list:
 OS_CODE = _code("hookos", "convert", skip=("embed.py", "tool.py", "cli.py"))
 PACKAGE_CODE = [S.root / "tasks" / "media" / "package.py"]
 ISO_CODE = [S.root / "tasks" / "media" / "iso.py", S.root / "tasks" / "settings" / "cmdline.py"]
+NETBOOT_SB_CODE = [S.root / "tasks" / "media" / "netboot_sb.py", S.root / "tasks" / "settings" / "cmdline.py"]
 EMBED_CODE = [S.root / "tasks" / "hookos" / "embed.py"]
 
 
@@ -258,6 +259,38 @@ def task_dist_iso():
 def task_debug_iso():
     """Hybrid ISO of the debug build: out/dist/debug/hook-debug-<arch>.iso."""
     yield from _iso_tasks(DEBUG)
+
+
+def _netboot_sb_tasks(build: Build):
+    for arch in build.arches(S):
+        record = netboot_sb.netboot_record(S, build, arch)
+        yield {
+            "name": str(arch),
+            "file_dep": _relative([*boot_files(S, build, arch), tools.record_path(S, iso.TOOLS), *NETBOOT_SB_CODE,
+                                   *iso.sign_files(S)]),
+            "targets": _relative([netboot_sb.netboot_path(S, build, arch), record]),
+            "task_dep": [f"package:{build.name}"],  # after the tarballs (a lock keeps checksum.txt whole)
+            "uptodate": [config_changed(netboot_sb.netboot_config(S, arch)),
+                         lambda build=build, arch=arch: netboot_sb.netboot_is_current(S, build, arch)],
+            "actions": [action(netboot_sb.make_netboot, S, build, arch, record)],
+            "clean": [clean_targets, (netboot_sb.clean_netboot, (S, build, arch))],
+        }
+
+
+def task_netboot_sb():
+    """Netboot with Secure Boot on (shim, Debian's signed GRUB, by TFTP) for the dev build:
+    out/dist/dev/hook-netboot-sb_<arch>.tar.gz, cmdline from netboot_sb_cmdline."""
+    yield from _netboot_sb_tasks(DEV)
+
+
+def task_dist_netboot_sb():
+    """The Secure Boot netboot tarballs of the release build, every arch."""
+    yield from _netboot_sb_tasks(RELEASE)
+
+
+def task_debug_netboot_sb():
+    """The Secure Boot netboot tarballs of the debug build."""
+    yield from _netboot_sb_tasks(DEBUG)
 
 
 def task_boot():

@@ -763,6 +763,7 @@ def test_doit_iso_outputs_incremental_and_reproducible(iso_project: Project, bui
     subprocess.run(["sha512sum", "-c", "checksum.txt"], cwd=dist, check=True, capture_output=True)
     assert iso.locate(built_iso).cmdline == iso.canonical(ISO_CMDLINE)
     assert iso_project.built is not None and "warning" not in iso_project.built.output
+    assert REGISTRY_PASSWORD in ISO_CMDLINE and REGISTRY_PASSWORD not in iso_project.built.output  # logged masked
 
     noop = iso_project.doit("iso")
     assert noop.executed == [], noop.output[-2000:]

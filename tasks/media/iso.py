@@ -53,12 +53,21 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 from tasks.core.arch import Arch
 from tasks.core.errors import HookError
 from tasks.core.files import atomic_write_text
-from tasks.core.run import find_tool, log_step, timed
+from tasks.core.run import find_tool, log_step, mask, timed
 from tasks.images import tools
 from tasks.images.specs import ImageSpec
 from tasks.media.package import sha512, update_checksums
 from tasks.settings.builds import boot_files
-from tasks.settings.cmdline import AREA_SIZE, canonical, decode, encode, expand, kernel_words, serial_consoles
+from tasks.settings.cmdline import (
+    AREA_SIZE,
+    canonical,
+    cmdline_secrets,
+    decode,
+    encode,
+    expand,
+    kernel_words,
+    serial_consoles,
+)
 
 if TYPE_CHECKING:
     from tasks.settings import Settings
@@ -446,26 +455,17 @@ def secure_boot_line(kernel: Path, name: str, sign_cert: Path | None = None) -> 
     return f"{name}: Secure Boot: shim -> Debian's signed GRUB -> the kernel, signed by {', '.join(signers) or '?'}"
 
 
-def make_iso_file(*, tool_ref: str, kernel: Path, initrd: Path, arch: Arch, cmdline: str, target: Path,
-                  source_date_epoch: int, smee: bool = True, sign: tuple[Path, Path] | None = None) -> None:
-    """Run the tool image: kernel, initramfs and grub.cfg in (a tar on its stdin), the ISO out (its
-    stdout, into a temporary file renamed to target when all went well). sign: a PEM key and its
-    certificate; the tools sign the ISO's copy of the kernel with them (sbsign; an Authenticode
-    signature is deterministic, so the ISO still has the same bytes for the same inputs). The key
-    goes through the pipe only: never on a command line, in an image or in the ISO."""
-    for what, path in (("kernel", kernel), ("initramfs", initrd)):
-        if not path.is_file():
-            raise HookError(f"{what} {path} is missing: build the OS first (doit dev_dist, dist or debug_image)")
-    members = [("vmlinuz", kernel, 0o644), ("initramfs", initrd, 0o644)]
-    if sign is not None:
-        members += [("sign.key", sign[0], 0o600), ("sign.crt", sign[1], 0o644)]
-    config = grub_cfg(arch, encode(cmdline), smee=smee)
-    stamp = _stamp(kernel, initrd, arch)
+def run_tool(*, tool_ref: str, args: Sequence[str], members: Sequence[tuple[str, Path | bytes, int]], target: Path,
+             source_date_epoch: int, what: str, entrypoint: str = "") -> None:
+    """Run the tool image (its entrypoint, or the one given) with args: a tar of members (name, a file
+    or bytes, mode) on its stdin, its stdout into target (fsync'd; the caller renames it into place).
+    Its stderr is shown as it comes; a failure raises HookError with its last lines. An interrupt
+    removes the container. A key among the members goes through the pipe only."""
     docker = find_tool("docker")
     name = f"hook-iso-{uuid.uuid4().hex[:12]}"
     argv = [docker, "run", "--rm", "-i", "--init", "--name", name, "--network", "none", "--pull", "never",
-            "-e", f"SOURCE_DATE_EPOCH={source_date_epoch}", tool_ref, arch.value, VOLUME_ID, stamp]
-    log_step(f"making {target.name} ({arch}) with {tool_ref}")
+            "-e", f"SOURCE_DATE_EPOCH={source_date_epoch}",
+            *(["--entrypoint", entrypoint] if entrypoint else []), tool_ref, *args]
     tail: collections.deque[str] = collections.deque(maxlen=12)
     failures: list[BaseException] = []
 
@@ -474,12 +474,14 @@ def make_iso_file(*, tool_ref: str, kernel: Path, initrd: Path, arch: Arch, cmdl
             with tarfile.open(fileobj=stdin, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
                 for member, source, mode in members:
                     info = tarfile.TarInfo(member)
-                    info.size, info.mtime, info.mode = source.stat().st_size, source_date_epoch, mode
+                    info.mtime, info.mode = source_date_epoch, mode
+                    if isinstance(source, bytes):
+                        info.size = len(source)
+                        tar.addfile(info, io.BytesIO(source))
+                        continue
+                    info.size = source.stat().st_size
                     with source.open("rb") as handle:
                         tar.addfile(info, handle)
-                info = tarfile.TarInfo("grub.cfg")
-                info.size, info.mtime, info.mode = len(config), source_date_epoch, 0o644
-                tar.addfile(info, io.BytesIO(config))
         except BrokenPipeError:
             pass  # the tool stopped reading: its exit status and messages say why
         except BaseException as exc:  # reported by the caller
@@ -495,37 +497,58 @@ def make_iso_file(*, tool_ref: str, kernel: Path, initrd: Path, arch: Arch, cmdl
             print(f"  {line}", file=sys.stderr, flush=True)
 
     started = time.monotonic()
+    with timed(f"docker run {TOOL_IMAGE}"), target.open("wb") as out:
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+        threads = [threading.Thread(target=feed, args=(proc.stdin,), daemon=True),
+                   threading.Thread(target=drain, args=(proc.stderr,), daemon=True)]
+        for thread in threads:
+            thread.start()
+        try:
+            while chunk := proc.stdout.read(1 << 20):
+                out.write(chunk)
+            rc = proc.wait()
+            for thread in threads:
+                thread.join()
+        except BaseException:  # interrupted: the container goes, then its client
+            with contextlib.suppress(OSError, subprocess.SubprocessError):
+                subprocess.run([docker, "rm", "-f", name], capture_output=True, timeout=30)
+            proc.kill()  # the client of a removed container has nothing left to do
+            proc.wait()
+            raise
+        out.flush()
+        os.fsync(out.fileno())
+    if failures:
+        raise HookError(f"could not send the boot files to {what}: {failures[0]}")
+    if rc != 0:
+        last = " | ".join(x for x in tail if x.strip()) or "no output"
+        hint = "" if "iso_sign" in last else "; try: doit forget iso_tools, then run again"  # the key is the user's
+        raise HookError(f"{what} ({tool_ref}) failed (exit {rc}) after {time.monotonic() - started:.1f}s: "
+                        f"{last}{hint}")
+
+
+def make_iso_file(*, tool_ref: str, kernel: Path, initrd: Path, arch: Arch, cmdline: str, target: Path,
+                  source_date_epoch: int, smee: bool = True, sign: tuple[Path, Path] | None = None) -> None:
+    """Run the tool image: kernel, initramfs and grub.cfg in (a tar on its stdin), the ISO out (its
+    stdout, into a temporary file renamed to target when all went well). sign: a PEM key and its
+    certificate; the tools sign the ISO's copy of the kernel with them (sbsign; an Authenticode
+    signature is deterministic, so the ISO still has the same bytes for the same inputs). The key
+    goes through the pipe only: never on a command line, in an image or in the ISO."""
+    for what, path in (("kernel", kernel), ("initramfs", initrd)):
+        if not path.is_file():
+            raise HookError(f"{what} {path} is missing: build the OS first (doit dev_dist, dist or debug_image)")
+    members: list[tuple[str, Path | bytes, int]] = [("vmlinuz", kernel, 0o644), ("initramfs", initrd, 0o644)]
+    if sign is not None:
+        members += [("sign.key", sign[0], 0o600), ("sign.crt", sign[1], 0o644)]
+    members.append(("grub.cfg", grub_cfg(arch, encode(cmdline), smee=smee), 0o644))
+    stamp = _stamp(kernel, initrd, arch)
+    log_step(f"making {target.name} ({arch}) with {tool_ref}")
+    started = time.monotonic()
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        with timed("docker run hook-iso"), partial.open("wb") as out:
-            proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-            assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
-            threads = [threading.Thread(target=feed, args=(proc.stdin,), daemon=True),
-                       threading.Thread(target=drain, args=(proc.stderr,), daemon=True)]
-            for thread in threads:
-                thread.start()
-            try:
-                while chunk := proc.stdout.read(1 << 20):
-                    out.write(chunk)
-                rc = proc.wait()
-                for thread in threads:
-                    thread.join()
-            except BaseException:  # interrupted: the container goes, then its client
-                with contextlib.suppress(OSError, subprocess.SubprocessError):
-                    subprocess.run([docker, "rm", "-f", name], capture_output=True, timeout=30)
-                proc.kill()  # the client of a removed container has nothing left to do
-                proc.wait()
-                raise
-            out.flush()
-            os.fsync(out.fileno())
-        if failures:
-            raise HookError(f"could not send the boot files to the ISO tools: {failures[0]}")
-        if rc != 0:
-            last = " | ".join(x for x in tail if x.strip()) or "no output"
-            hint = "" if "iso_sign" in last else "; try: doit forget iso_tools, then run again"  # the key is the user's
-            raise HookError(f"the ISO tools ({tool_ref}) failed (exit {rc}) after {time.monotonic() - started:.1f}s: "
-                            f"{last}{hint}")
+        run_tool(tool_ref=tool_ref, args=[arch.value, VOLUME_ID, stamp], members=members, target=partial,
+                 source_date_epoch=source_date_epoch, what="the ISO tools")
         try:
             area = locate(partial)
         except HookError as exc:
@@ -540,7 +563,7 @@ def make_iso_file(*, tool_ref: str, kernel: Path, initrd: Path, arch: Arch, cmdl
         with contextlib.suppress(FileNotFoundError):
             partial.unlink()
     log_step(f"{target.name}: {target.stat().st_size} bytes in {time.monotonic() - started:.1f}s; "
-             f"cmdline: {canonical(cmdline)}")
+             f"cmdline: {mask(canonical(cmdline), cmdline_secrets(cmdline))}")
     log_step(secure_boot_line(kernel, target.name, sign[1] if sign else None))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import io
 import os
@@ -48,8 +49,9 @@ class _Sha512Writer:
         return self.digest.hexdigest()
 
 
-def write_tarball(path: Path, members: Sequence[Path], *, mtime: int) -> str:
-    """A gzip tar of members as ./<name>, byte-identical for identical inputs; returns its sha512.
+def write_tarball(path: Path, members: Sequence[Path | tuple[str, Path]], *, mtime: int) -> str:
+    """A gzip tar of members as ./<name> (or ./<path>: a (path in the tar, file) pair), byte-identical
+    for identical inputs; returns its sha512.
 
     Sorted entries, owner 0:0 (root), mode 0644, mtime fixed, gzip header without name or time.
     The gzip stream holds stored blocks (COMPRESSLEVEL): any gunzip reads it.
@@ -63,14 +65,15 @@ def write_tarball(path: Path, members: Sequence[Path], *, mtime: int) -> str:
     return digest
 
 
-def _write_tar(fh: _Sha512Writer, members: Sequence[Path], *, mtime: int) -> None:
+def _write_tar(fh: _Sha512Writer, members: Sequence[Path | tuple[str, Path]], *, mtime: int) -> None:
     with (
         gzip_ng.GzipNGFile(filename="", mode="wb", fileobj=fh, mtime=0, compresslevel=COMPRESSLEVEL) as gz,
         tarfile.open(fileobj=gz, mode="w", format=tarfile.USTAR_FORMAT) as tar,
     ):
         tar.copybufsize = 1 << 20  # not 16 KiB: a tenth of the calls for a 100 MB initramfs
-        for member in sorted(members, key=lambda p: p.name):
-            info = tarfile.TarInfo(f"./{member.name}")
+        named = [(m.name, m) if isinstance(m, Path) else m for m in members]  # (name in the tar, file)
+        for name, member in sorted(named, key=lambda m: m[0]):
+            info = tarfile.TarInfo(f"./{name}")
             info.size = member.stat().st_size
             info.mtime = mtime
             info.mode = 0o644
@@ -91,6 +94,15 @@ def update_checksums(folder: Path, digests: dict[str, str | None]) -> None:
     The tarballs (package) and the ISOs (tasks.media.iso) are made by different tasks into one folder.
     """
     path = folder / "checksum.txt"
+    handle = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:  # tasks that doit runs in parallel (-n) update one checksum.txt: one after the other
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        _update_checksums(folder, path, digests)
+    finally:
+        os.close(handle)
+
+
+def _update_checksums(folder: Path, path: Path, digests: dict[str, str | None]) -> None:
     lines: dict[str, str] = {}
     try:
         for line in path.read_text().splitlines():

@@ -82,6 +82,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("iso_sign_key", "", "a PEM private key the ISOs' kernel is signed with for Secure Boot (sbsign; with "
             "iso_sign_cert; enrol that certificate as a MOK or in db: docs/iso.md); empty: not signed by us"),
     Setting("iso_sign_cert", "", "the PEM X.509 certificate of iso_sign_key"),
+    Setting("netboot_sb_cmdline", "{consoles}",
+            "doit netboot_sb: the kernel cmdline in its grub.cfg (Tinkerbell keys: grpc_authority, syslog_host...; "
+            "{consoles} = 'console=tty0 console={serial}'); worker_id and hw_addr: the NIC's MAC unless given"),
     Setting("embed_images", "", "images in hook-docker's engine at boot: comma list of 'IMAGE [NAME]', or @FILE "
             "(one a line); local builds take them from the engine, dist from the registry (docs/embedded.md)"),
     Setting("artifacts", "false", "doit dist also pushes the files as OCI images <org>/hook-artifacts:<version> "
@@ -125,6 +128,7 @@ class Settings:
     iso_smee: bool = True
     #: the key and certificate the ISOs' kernel is signed with (sbsign), or None
     iso_sign: tuple[Path, Path] | None = None
+    netboot_sb_cmdline: str = "{consoles}"
     #: `SOURCE` or `SOURCE NAME` per embedded image (tasks.settings.embed_list parses and validates them)
     embed_images: tuple[str, ...] = ()
     kernel_flavour: str = "debian"
@@ -322,6 +326,11 @@ def load_settings(
         raise HookError(f"setting iso_cmdline: {exc}") from None
 
     iso_sign = _iso_sign(get("iso_sign_key"), get("iso_sign_cert"), root)
+    netboot_sb_cmdline = get("netboot_sb_cmdline")
+    try:
+        check_cmdline(netboot_sb_cmdline)
+    except HookError as exc:
+        raise HookError(f"setting netboot_sb_cmdline: {exc}") from None
 
     kernel, kernel_version, debian_builder = get("kernel"), get("kernel_version"), get("debian_builder")
     kernel_flavour = get("kernel_flavour")
@@ -390,6 +399,7 @@ def load_settings(
         iso_base=_check("iso_base", iso_base, REF, "an image reference") if iso_base else "",
         iso_smee=_flag("iso_smee", get("iso_smee")),
         iso_sign=iso_sign,
+        netboot_sb_cmdline=netboot_sb_cmdline,
         embed_images=parse_embed_images(get("embed_images"), root),
         artifacts=_flag("artifacts", get("artifacts")),
         webroot=webroot,

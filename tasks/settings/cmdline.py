@@ -70,6 +70,12 @@ def kernel_words(cmdline: str) -> list[str]:
     return words
 
 
+def cmdline_secrets(cmdline: str) -> list[str]:
+    """The secrets of a cmdline (registry_password's value, as GRUB and the kernel see it): the
+    build log masks them."""
+    return [w.partition("=")[2] for w in kernel_words(cmdline) if w.startswith("registry_password=") and w[18:]]
+
+
 def _grub_word(value: str) -> str:
     if set(value) <= _BARE:
         return value
@@ -78,10 +84,15 @@ def _grub_word(value: str) -> str:
     return f"'{value}'"
 
 
+def grub_words(cmdline: str) -> str:
+    """A kernel command line as the words of a GRUB `linux` line that hand it on unchanged."""
+    return " ".join(_grub_word(w) for w in kernel_words(cmdline))
+
+
 def encode(cmdline: str, size: int = AREA_SIZE) -> bytes:
     """The area's content for a kernel command line: each word as GRUB reads it back unchanged
     (bare, "double-quoted" when it has a space, 'single-quoted' when it has $ or "), padded to size."""
-    text = " ".join(_grub_word(w) for w in kernel_words(cmdline)).encode("ascii")
+    text = grub_words(cmdline).encode("ascii")
     if len(text) > size:
         raise HookError(f"the cmdline needs {len(text)} bytes in GRUB's syntax; the ISO's cmdline area holds {size}: "
                         "shorten it")
