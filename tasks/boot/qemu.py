@@ -104,6 +104,9 @@ class Nic:
     tftp: Path | None = None
     bootfile: str = ""
     romfile: str = ""
+    #: no option ROM at all (QEMU gives virtio-net and e1000e its iPXE ROM unless told `romfile=`):
+    #: the firmware's own network stack boots (OVMF's PXE client)
+    no_rom: bool = False
     bootindex: int | None = None
 
     def args(self, index: int) -> list[str]:
@@ -113,7 +116,7 @@ class Nic:
         netdev += [f.qemu() for f in self.forwards]
         netdev += [f"hostfwd=tcp:127.0.0.1:{host}-:{guest}" for host, guest in self.hostfwd]
         device = f"{self.model},netdev=net{index}" + (f",mac={self.mac}" if self.mac else "")
-        device += (f",romfile={self.romfile}" if self.romfile else "")
+        device += f",romfile={self.romfile}" if self.romfile else (",romfile=" if self.no_rom else "")
         device += (f",bootindex={self.bootindex}" if self.bootindex is not None else "")
         argv = ["-netdev", ",".join(netdev), "-device", device]
         if self.pcap is not None:
