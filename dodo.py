@@ -15,7 +15,7 @@ from doit.task import clean_targets
 from doit.tools import config_changed
 
 from tasks import pipeline
-from tasks.boot.builds import boot_build
+from tasks.boot.builds import DEFAULT_CMDLINE, boot_build
 from tasks.convert.stage import clean_converted, convert, convert_is_current
 from tasks.core.arch import Arch
 from tasks.core.doit_support import HookReporter, Sha256Checker, action, interrupt_on_sigterm, lazy_config_changed
@@ -297,12 +297,13 @@ def task_boot():
     """Boot a build under QEMU: doit boot [--build dev] [--cmdline ...] [--registry 127.0.0.1:5000] [--expect TEXT]."""
 
     def boot(build: str, arch: str, cmdline: str, memory: int, accel: str, expect: str, timeout: float,
-             registry: str, ssh: int, net: str, smp: int, netboot: bool, uefi: bool):
+             registry: str, ssh: int, net: str, smp: int, netboot: bool, uefi: bool, secure_boot: bool):
         try:
             chosen = get_build(build)
             boot_build(S, chosen, Arch.parse(arch) if arch else chosen.arches(S)[0], cmdline=cmdline,
                                 memory_mb=memory, accel=accel, expect=expect, timeout=timeout, registry=registry,
-                                ssh_port=ssh, net=net, smp=smp, netboot=netboot, uefi=uefi)
+                                ssh_port=ssh, net=net, smp=smp, netboot=netboot, uefi=uefi,
+                       secure_boot=secure_boot)
         except HookError as exc:
             return TaskFailed(str(exc))
         return None
@@ -312,7 +313,7 @@ def task_boot():
         "params": [
             {"name": "build", "long": "build", "default": "dev", "help": "release, dev or debug"},
             {"name": "arch", "long": "arch", "default": "", "help": "x86_64 or aarch64 (default: the build's first)"},
-            {"name": "cmdline", "long": "cmdline", "default": "console=tty0 console=ttyS0",
+            {"name": "cmdline", "long": "cmdline", "default": DEFAULT_CMDLINE,
              "help": "kernel cmdline (the Tinkerbell keys), written --cmdline='...'; {registry} is --registry as the "
                      "guest sees it; console=<serial> is added last unless the last console= is the serial port"},
             {"name": "registry", "long": "registry", "default": "",
@@ -328,6 +329,9 @@ def task_boot():
                      "127.0.0.1 with Smee's parameters; console ttyS1 (the firmware and iPXE: a ttyS0 file)"},
             {"name": "uefi", "long": "uefi", "type": bool, "default": False,
              "help": "with --netboot: UEFI (OVMF) instead of BIOS (SeaBIOS)"},
+            {"name": "secure_boot", "long": "secure-boot", "type": bool, "default": False,
+             "help": "with --netboot: the doit netboot_sb tarball by TFTP under OVMF with Secure Boot on (shim, "
+                     "Debian's signed GRUB; the cmdline is its grub.cfg's, netboot_sb_cmdline)"},
             {"name": "accel", "long": "accel", "default": "auto", "help": "auto, tcg or kvm"},
             {"name": "expect", "long": "expect", "default": "",
              "help": "wait for this text on the console, then stop (default: interactive)"},

@@ -5,16 +5,16 @@
 - `doit netboot_sb` on the built dev OS: the tarball (shim, Debian's signed net GRUB, MokManager,
   grub/grub.cfg, the kernel, the initramfs) and its checksum line; nothing to do when nothing
   changed; the same bytes again; a cmdline change remakes it alone.
-- The real boot: the tarball unpacked as a TFTP root, an emulated server under OVMF with Secure Boot
-  on (Microsoft's keys) PXE-boots shim by the firmware's own network stack (no iPXE: it is not
-  signed), shim checks Debian's GRUB, GRUB loads the kernel and the initramfs by TFTP, shim checks
-  the kernel; the OS runs locked down to the running tink-worker, whose worker_id is the NIC's MAC.
+- The real boot, as a user runs it (`doit boot --netboot --secure-boot`): the tarball unpacked as a
+  TFTP root, an emulated server under OVMF with Secure Boot on (Microsoft's keys) PXE-boots shim by
+  the firmware's own network stack (no iPXE: it is not signed), shim checks Debian's GRUB, GRUB
+  loads the kernel and the initramfs by TFTP, shim checks the kernel; the OS runs locked down to
+  the running tink-worker, whose worker_id is the NIC's MAC.
 """
 
 from __future__ import annotations
 
 import hashlib
-import re
 import shutil
 import subprocess
 import tarfile
@@ -23,15 +23,22 @@ from pathlib import Path
 
 import pytest
 
-from tasks.boot import netboot, qemu
+from tasks.boot import netboot
 from tasks.core.arch import Arch
 from tasks.core.errors import HookError
 from tasks.media import netboot_sb
 from tasks.settings import load_settings
 from tests.conftest import REGISTRY_PASSWORD, Registry
 from tests.pipeline_env import Project, copy_out, make_project
-from tests.test_boot import BOOT_TIMEOUT, MEMORY_MB, SMP, WORKER_ID, report, tinkerbell_cmdline
-from tests.test_iso import TEST_BASE, cmdline_of, sign_pair  # noqa: F401 - a fixture
+from tests.test_boot import (
+    BOOT_TIMEOUT,
+    MEMORY_MB,
+    SMP,
+    WORKER_ID,
+    assert_password_only_in_kernel_cmdline,
+    tinkerbell_cmdline,
+)
+from tests.test_iso import TEST_BASE, sign_pair  # noqa: F401 - a fixture
 
 ARCH = Arch.native()
 #: The server's NIC: its MAC is the worker_id GRUB gives the kernel.
@@ -94,6 +101,41 @@ def built_tarball(netboot_project: Project, tmp_path_factory: pytest.TempPathFac
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(ARCH is not Arch.X86_64, reason="OVMF's Secure Boot build is x86_64")
+def test_doit_boot_secure_boot_netboot_runs_tink_worker_locked_down(netboot_project: Project, built_tarball: Path,
+                                                                    worker_registry: Registry) -> None:
+    """`doit boot --netboot --secure-boot`: the tarball as a TFTP root, OVMF with Secure Boot on
+    (Microsoft's keys), the firmware's own PXE client (no iPXE: not signed) loads shim, shim checks
+    and starts Debian's network GRUB, GRUB loads the kernel and the initramfs by TFTP, shim checks
+    the kernel; the OS runs locked down to the running tink-worker, whose worker_id is the NIC's MAC."""
+    result = netboot_project.doit("boot", "--netboot", "--secure-boot", "--registry", worker_registry.addr,
+                                  "--memory", str(MEMORY_MB), "--smp", str(SMP), "--accel", "tcg",
+                                  f"--expect=TINK-WORKER-RUNNING worker_id={netboot.MAC}",
+                                  "--timeout", str(BOOT_TIMEOUT), timeout=BOOT_TIMEOUT + 120)
+    console = result.stderr  # the console, echoed
+    print("\n".join(line for line in result.stderr.splitlines() if line.startswith("hook: ")))
+    assert f"DHCP boot file shim{netboot_sb.efi_name(ARCH)}.efi" in result.stderr
+    assert "NBP filename is shimx64.efi" in console and "iPXE" not in console  # OVMF's PXE client
+    assert "Fetching Netboot Image grubx64.efi" in console  # shim, from the same TFTP folder
+    assert "Hook: loading the kernel and the initramfs (x86_64) by TFTP" in console  # GRUB read our grub.cfg
+    assert "EFI stub: UEFI Secure Boot is enabled" in console and "secureboot: Secure boot enabled" in console
+    assert "Kernel is locked down from EFI Secure Boot" in console
+    command_line = next(line for line in console.splitlines() if "Command line: BOOT_IMAGE=" in line)
+    assert f"worker_id={netboot.MAC} hw_addr={netboot.MAC} " in command_line, command_line  # GRUB's MAC
+    assert "saw 'TINK-WORKER-RUNNING worker_id=" in result.stderr
+    assert_password_only_in_kernel_cmdline(console, REGISTRY_PASSWORD)  # the grub.cfg line is logged masked
+
+
+@pytest.mark.slow
+def test_secure_boot_boot_refusals_are_one_line(netboot_project: Project) -> None:
+    wrong = netboot_project.doit("boot", "--netboot", "--secure-boot", "--cmdline=worker_id=x", check=False)
+    assert wrong.returncode != 0
+    assert "--cmdline does not reach a --secure-boot netboot: its grub.cfg holds the cmdline" in wrong.output
+    alone = netboot_project.doit("boot", "--secure-boot", check=False)
+    assert alone.returncode != 0 and "--secure-boot is for --netboot" in alone.output
+
+
+@pytest.mark.slow
 def test_doit_netboot_sb_outputs_incremental_and_reproducible(netboot_project: Project, built_tarball: Path,
                                                              sign_pair: tuple[Path, Path]) -> None:  # noqa: F811
     efi = netboot_sb.efi_name(ARCH)
@@ -139,39 +181,3 @@ def test_doit_netboot_sb_outputs_incremental_and_reproducible(netboot_project: P
     netboot_project.doit("clean", f"netboot_sb:{ARCH}")
     assert not netboot_project.out(f"dist/dev/hook-netboot-sb_{ARCH}.tar.gz").exists()
     assert "netboot-sb" not in (dist / "checksum.txt").read_text()
-
-
-# --- the boot -----------------------------------------------------------------------------------------
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(ARCH is not Arch.X86_64, reason="OVMF's Secure Boot build is x86_64")
-def test_secure_boot_netboot_runs_tink_worker_locked_down(built_tarball: Path, worker_registry: Registry,
-                                                          tmp_path: Path) -> None:
-    tftp = tmp_path / "tftp"
-    tftp.mkdir()
-    with tarfile.open(built_tarball) as tar:
-        tar.extractall(tftp, filter="data")
-    # the firmware's own PXE client (OVMF's virtio-net driver), no iPXE option ROM: with QEMU's,
-    # OVMF runs it even with Secure Boot on, and shim's fetch of GRUB through iPXE fails
-    nic = qemu.Nic(forwards=(qemu.Forward(5000, worker_registry.port),), mac=MAC, tftp=tftp,
-                   bootfile=netboot_sb.boot_file(ARCH), no_rom=True, bootindex=1)
-    extra = [*netboot.firmware_args(uefi=True, vars_copy=tmp_path / "vars.fd", secure_boot=True),
-             "-device", "virtio-rng-pci"]
-    milestones = (("shim fetches GRUB", r"Fetching Netboot Image"),
-                  ("GRUB reads grub.cfg", r"Hook: loading the kernel and the initramfs"), *qemu.HOOK_MILESTONES)
-    with qemu.Guest(None, None, arch=ARCH, memory_mb=MEMORY_MB, accel="tcg", smp=SMP, nics=[nic], extra=extra,
-                    log=tmp_path / "console.log", milestone_patterns=milestones) as g:
-        g.wait_for(f"TINK-WORKER-RUNNING worker_id={MAC}", timeout=BOOT_TIMEOUT)
-        report(g, "netboot, OVMF Secure Boot: shim, Debian's net GRUB, TFTP")
-        shown = cmdline_of(g)
-        lockdown = g.sh("grep -h . /sys/kernel/security/lockdown 2>/dev/null || "
-                        "{ mount -t securityfs securityfs /sys/kernel/security && cat /sys/kernel/security/lockdown; }",
-                        timeout=120).output
-    print(f"[netboot SB] /proc/cmdline: {shown}")
-    assert "NBP filename is shimx64.efi" in g.console  # OVMF's PXE, not iPXE
-    assert "iPXE" not in g.console
-    assert "secureboot: Secure boot enabled" in g.console
-    assert "Kernel is locked down from EFI Secure Boot" in g.console and "[integrity]" in lockdown
-    assert re.search(rf"(^| )worker_id={MAC} hw_addr={MAC} ", shown), shown
-    assert "tink_worker_image=" in shown

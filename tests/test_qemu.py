@@ -82,6 +82,23 @@ def test_boot_until_poweroff(test_kernel: Path, initramfs_ok: Path) -> None:
 
 
 @pytest.mark.slow
+def test_milestones_beside_an_echoed_console_are_lines_of_their_own(test_kernel: Path, initramfs_ok: Path,
+                                                                   capfd: pytest.CaptureFixture[str]) -> None:
+    """`doit boot --expect` echoes the console and announces milestones: an announcement never cuts a
+    console line (the console often arrives in pieces that end mid-line)."""
+    result = qemu.boot(test_kernel, initramfs_ok, timeout=120, memory_mb=256, echo=True,
+                       milestones=(("kernel", r"Linux version \d"), ("marker", MARKER)))
+    assert result.returncode == 0
+    echoed = capfd.readouterr().err
+    lines = echoed.splitlines()
+    assert [line for line in lines if "boot milestone after" in line and not line.startswith("hook: boot")] == []
+    assert sum("hook: boot milestone after" in line for line in lines) == 2, echoed[-2000:]
+    kernel_line = next(line for line in result.console.splitlines() if "Linux version" in line).strip()
+    assert any(line.strip() == kernel_line for line in lines)  # whole, as the guest wrote it
+    assert any(line.startswith(f"{MARKER} cmdline=") for line in lines)
+
+
+@pytest.mark.slow
 def test_boot_timeout_is_a_clean_error(test_kernel: Path, tmp_path: Path, busybox: Path) -> None:
     initrd = make_initramfs(
         tmp_path / "hang.img", busybox, "#!/bin/sh\necho HANGING\nexec /bin/busybox sleep 600\n"

@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import tarfile
 import tempfile
 from pathlib import Path
 
 from tasks.boot import netboot, qemu
 from tasks.core.arch import Arch
 from tasks.core.errors import HookError
-from tasks.core.run import log_step
+from tasks.core.run import log_step, mask
 from tasks.settings import Settings
-from tasks.settings.builds import Build, boot_files
+from tasks.settings.builds import Build, boot_files, netboot_sb_tarball
+from tasks.settings.cmdline import cmdline_secrets
+
+#: `doit boot`'s --cmdline when none is given.
+DEFAULT_CMDLINE = "console=tty0 console=ttyS0"
 
 
 def boot_build(settings: Settings, build: Build, arch: Arch, *, cmdline: str, memory_mb: int, accel: str,
                expect: str, timeout: float, registry: str = "", ssh_port: int = 0, net: str = "user",
-               smp: int = 2, netboot: bool = False, uefi: bool = False) -> None:
+               smp: int = 2, netboot: bool = False, uefi: bool = False, secure_boot: bool = False) -> None:
     """Boot a build's converted kernel and initramfs under QEMU: on this terminal, or until `expect` shows.
 
     The guest's network (net="user") is QEMU's user net with restrict=on: it reaches nothing but a
@@ -30,8 +35,13 @@ def boot_build(settings: Settings, build: Build, arch: Arch, *, cmdline: str, me
     """
     if net not in ("user", "none"):
         raise HookError(f"unknown --net {net!r}: user (restricted, forwards only) or none")
+    if secure_boot and not netboot:
+        raise HookError("--secure-boot is for --netboot (the tarball of doit netboot_sb, under OVMF): add --netboot")
     if uefi and not netboot:
         raise HookError("--uefi is for --netboot (a direct -kernel boot needs no firmware choice)")
+    if secure_boot and cmdline.strip() != DEFAULT_CMDLINE:
+        raise HookError("--cmdline does not reach a --secure-boot netboot: its grub.cfg holds the cmdline; make the "
+                        "tarball again with it: doit netboot_sb netboot_sb_cmdline='...'")
     if netboot and net == "none":
         raise HookError("--netboot needs the network: leave --net at user")
     guest_registry = f"{qemu.GUEST_SERVICE_IP}:5000"
@@ -46,6 +56,10 @@ def boot_build(settings: Settings, build: Build, arch: Arch, *, cmdline: str, me
         registry_port = int(port)
         forwards = (qemu.Forward(5000, registry_port),)
         log_step(f"the guest reaches {registry} as {guest_registry}")
+    if secure_boot:
+        _netboot_sb(netboot_sb_tarball(settings, build, arch), arch, memory_mb=memory_mb, accel=accel, smp=smp,
+                    registry_port=registry_port, expect=expect, timeout=timeout, build=build)
+        return
     kernel, initrd = boot_files(settings, build, arch)
     cmdline = cmdline.replace("{registry}", guest_registry)
     if netboot:
@@ -98,3 +112,39 @@ def _netboot(arch: Arch, kernel: Path, initrd: Path, *, cmdline: str, memory_mb:
             done = http.transfer(initrd.name)
             if done:
                 log_step(f"the initramfs ({done.size / 1e6:.1f} MB) came over iPXE's HTTP in {done.seconds:.1f}s")
+
+
+def _netboot_sb(tarball: Path, arch: Arch, *, memory_mb: int, accel: str, smp: int, registry_port: int | None,
+                expect: str, timeout: float, build: Build) -> None:
+    if arch is not Arch.X86_64:
+        raise HookError("--secure-boot emulates an x86_64 server (OVMF's Secure Boot build): use --arch x86_64")
+    if not tarball.is_file():
+        task = {"release": "dist_netboot_sb", "dev": "netboot_sb", "debug": "debug_netboot_sb"}[build.name]
+        raise HookError(f"cannot netboot with Secure Boot: {tarball} does not exist: make it first (doit {task})")
+    with tempfile.TemporaryDirectory(prefix="hook-netboot-sb-") as folder:
+        tftp = Path(folder) / "tftp"
+        try:
+            with tarfile.open(tarball) as tar:
+                tar.extractall(tftp, filter="data")
+        except (tarfile.TarError, OSError) as exc:
+            raise HookError(f"cannot unpack {tarball} ({exc}): make it again (doit forget, then doit netboot_sb)") \
+                from None
+        shims = sorted(p.name for p in tftp.glob("shim*.efi"))
+        if not shims or not (tftp / "grub" / "grub.cfg").is_file():
+            raise HookError(f"{tarball} is not a netboot_sb tarball (no shim*.efi or grub/grub.cfg): make it again")
+        linux = next((line for line in (tftp / "grub" / "grub.cfg").read_text().splitlines()
+                      if line.startswith("linux ")), "")
+        log_step(f"TFTP root: {tarball.name} unpacked; DHCP boot file {shims[0]}; grub.cfg: "
+                 f"{mask(linux, cmdline_secrets(linux.partition(' ')[2]))}")
+        forwards = (qemu.Forward(5000, registry_port),) if registry_port is not None else ()
+        # no option ROM: the firmware's own PXE client (QEMU's iPXE ROM would run, unsigned as it is)
+        nic = qemu.Nic(forwards=forwards, mac=netboot.MAC, tftp=tftp, bootfile=shims[0], no_rom=True, bootindex=1)
+        guest = qemu.Guest(None, None, arch=arch, memory_mb=memory_mb, accel=accel, smp=smp, nics=[nic],
+                           extra=[*netboot.firmware_args(uefi=True, vars_copy=Path(folder) / "vars.fd",
+                                                         secure_boot=True), "-device", "virtio-rng-pci"],
+                           milestone_patterns=(("shim fetches GRUB", r"Fetching Netboot Image"),
+                                               ("GRUB reads grub.cfg", r"Hook: loading the kernel"),
+                                               *qemu.HOOK_MILESTONES))
+        log_step(f"UEFI (OVMF) with Secure Boot on (Microsoft's keys), the NIC's MAC {netboot.MAC}; the console is "
+                 "ttyS0 (the firmware, shim, GRUB, then the kernel's consoles from grub.cfg)")
+        _run(guest, expect, timeout)

@@ -416,6 +416,7 @@ class Guest:
         self._started = 0.0
         self._counter = itertools.count(1)
         self._milestone_pos = 0
+        self._pending: list[str] = []
 
     # --- life cycle --------------------------------------------------------------------------
 
@@ -483,7 +484,7 @@ class Guest:
                     self._cond.notify_all()
                     return
                 self._raw += data
-                self._note_milestones()
+                reached = self._note_milestones()
                 self._cond.notify_all()
             if self._sink:
                 self._sink.write(data)
@@ -491,14 +492,22 @@ class Guest:
             if self.echo:
                 sys.stderr.write(data.decode("utf-8", "replace"))
                 sys.stderr.flush()
+            if self.announce:
+                # on a line of their own: with the console echoed, once it has ended a line
+                self._pending += reached
+                if self._pending and (not self.echo or data.endswith(b"\n")):
+                    for name in self._pending:
+                        log_step(f"boot milestone after {self.milestones[name]:6.1f}s: {name}")
+                    self._pending = []
 
-    def _note_milestones(self) -> None:
+    def _note_milestones(self) -> list[str]:
+        reached = []
         for name, rx in self._patterns:
             if name not in self.milestones and rx.search(self._raw, max(0, self._milestone_pos - 200)):
                 self.milestones[name] = round(self.elapsed, 1)
-                if self.announce:
-                    log_step(f"boot milestone after {self.milestones[name]:6.1f}s: {name}")
+                reached.append(name)
         self._milestone_pos = len(self._raw)
+        return reached
 
     # --- the console -------------------------------------------------------------------------
 

@@ -38,7 +38,7 @@ from tasks.core.run import log_step, mask
 from tasks.images import tools
 from tasks.media.iso import TOOLS, run_tool, secure_boot_line
 from tasks.media.package import update_checksums, write_tarball
-from tasks.settings.builds import boot_files
+from tasks.settings.builds import boot_files, netboot_sb_tarball
 from tasks.settings.cmdline import canonical, cmdline_secrets, expand, grub_words, kernel_words
 
 if TYPE_CHECKING:
@@ -89,7 +89,7 @@ def grub_cfg(arch: Arch, settings_cmdline: str) -> bytes:
 
 
 def netboot_path(settings: Settings, build: Build, arch: Arch) -> Path:
-    return settings.out / "dist" / build.name / f"{build.prefix}-netboot-sb_{arch}.tar.gz"
+    return netboot_sb_tarball(settings, build, arch)
 
 
 def netboot_record(settings: Settings, build: Build, arch: Arch) -> Path:

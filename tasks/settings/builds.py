@@ -89,6 +89,11 @@ def dist_dir(settings: Settings, build: Build) -> Path:
     return settings.out / "dist" / build.name
 
 
+def netboot_sb_tarball(settings: Settings, build: Build, arch: Arch) -> Path:
+    """`doit netboot_sb`'s output (tasks.media.netboot_sb), which `doit boot --secure-boot` boots."""
+    return dist_dir(settings, build) / f"{build.prefix}-netboot-sb_{arch}.tar.gz"
+
+
 def package_targets(settings: Settings, build: Build) -> list[Path]:
     folder = dist_dir(settings, build)
     return [
