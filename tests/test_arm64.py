@@ -9,9 +9,12 @@ max` with AAVMF, TCG, `console=ttyAMA0` last:
 - the aarch64 ISO (`doit dist_iso`), patched with `tasks.iso patch`, from a virtual CD (virtio-scsi)
   with Secure Boot on (AAVMF with Microsoft's keys): shimaa64, Debian's signed GRUB and kernel, to
   tink-worker;
+- the aarch64 Secure Boot netboot (`doit dist_netboot_sb`, booted by `doit boot --netboot
+  --secure-boot`): AAVMF's own PXE client, shimaa64, Debian's signed network GRUB, by TFTP, to
+  tink-worker;
 - `doit dev_dist arches=aarch64`, the local build: an OS of aarch64 programs.
 
-One release build, two boots. Emulating arm64 on x86 is slow (TCG): the milestones are in the README.
+One release build, three boots. Emulating arm64 on x86 is slow (TCG): the milestones are in the README.
 """
 
 from __future__ import annotations
@@ -74,6 +77,8 @@ def arm64_release(arm64_registry, tmp_path_factory: pytest.TempPathFactory) -> P
     print(f"\n[arm64 dist] {project.built.seconds:.0f}s, ran {len(project.built.executed)} tasks")
     done = project.doit("dist_iso", "arches=aarch64", timeout=1800)
     print(f"[arm64 dist_iso] {done.seconds:.0f}s")
+    done = project.doit("dist_netboot_sb", "arches=aarch64", f"netboot_sb_cmdline={NETBOOT_CMDLINE}", timeout=1800)
+    print(f"[arm64 dist_netboot_sb] {done.seconds:.0f}s")
     return project
 
 
@@ -139,6 +144,34 @@ def test_arm64_release_boots_to_tink_worker(arm64_release: Project, arm64_regist
     assert worker.status == 0 and last_line(worker.output) == "arm64", worker.output  # pulled: the index's arm64 image
     assert "EFI stub: Booting Linux Kernel" in g.console  # through AAVMF, not QEMU's direct kernel loader
     assert f"tink_worker_image={WORKER_IMAGE}" in g.console and GUEST_REGISTRY in WORKER_IMAGE
+
+
+#: netboot_sb_cmdline of the arm64 release: the site's keys, no worker_id (GRUB gives the NIC's MAC)
+NETBOOT_CMDLINE = worker_cmdline("x").replace("worker_id=x ", "")
+
+
+@pytest.mark.skipif(Arch.native() is not Arch.X86_64, reason="emulates arm64 on an x86_64 host")
+def test_arm64_secure_boot_netboot_runs_tink_worker(arm64_release: Project, arm64_registry) -> None:  # noqa: ANN001
+    """`doit boot --arch aarch64 --netboot --secure-boot`: the arm64 netboot_sb tarball by TFTP under
+    AAVMF with Microsoft's keys: shimaa64, Debian's signed arm64 network GRUB, Debian's arm64 kernel,
+    to the running arm64 tink-worker, worker_id the NIC's MAC."""
+    reg, _ = arm64_registry
+    with tarfile.open(arm64_release.out("dist/release/hook-netboot-sb_aarch64.tar.gz")) as tar:
+        names = sorted(tar.getnames())
+    assert names == ["./grub/grub.cfg", "./grubaa64.efi", "./initramfs-aarch64", "./mmaa64.efi", "./shimaa64.efi",
+                     "./vmlinuz-aarch64"], names
+    mac = "52:54:00:aa:bb:01"  # doit boot's NIC
+    result = arm64_release.doit("boot", "--build", "release", "--arch", "aarch64", "--netboot", "--secure-boot",
+                                "--registry", reg.addr, "--memory", str(ARM_MEMORY_MB), "--smp", str(ARM_SMP),
+                                "--accel", "tcg", f"--expect={marker(mac)}", "--timeout", str(ARM_BOOT_TIMEOUT),
+                                timeout=ARM_BOOT_TIMEOUT + 120)
+    console = result.stderr
+    print("\n".join(line for line in console.splitlines() if line.startswith("hook: ")))
+    assert "UEFI (AAVMF) with Secure Boot on" in console and "DHCP boot file shimaa64.efi" in console
+    assert "Fetching Netboot Image grubaa64.efi" in console and "iPXE" not in console
+    assert "EFI stub: UEFI Secure Boot is enabled." in console
+    assert "Kernel is locked down from EFI Secure Boot" in console
+    assert f"worker_id={mac} hw_addr={mac} " in console
 
 
 @pytest.mark.skipif(Arch.native() is not Arch.X86_64, reason="emulates arm64 on an x86_64 host")

@@ -116,8 +116,6 @@ def _netboot(arch: Arch, kernel: Path, initrd: Path, *, cmdline: str, memory_mb:
 
 def _netboot_sb(tarball: Path, arch: Arch, *, memory_mb: int, accel: str, smp: int, registry_port: int | None,
                 expect: str, timeout: float, build: Build) -> None:
-    if arch is not Arch.X86_64:
-        raise HookError("--secure-boot emulates an x86_64 server (OVMF's Secure Boot build): use --arch x86_64")
     if not tarball.is_file():
         task = {"release": "dist_netboot_sb", "dev": "netboot_sb", "debug": "debug_netboot_sb"}[build.name]
         raise HookError(f"cannot netboot with Secure Boot: {tarball} does not exist: make it first (doit {task})")
@@ -139,12 +137,15 @@ def _netboot_sb(tarball: Path, arch: Arch, *, memory_mb: int, accel: str, smp: i
         forwards = (qemu.Forward(5000, registry_port),) if registry_port is not None else ()
         # no option ROM: the firmware's own PXE client (QEMU's iPXE ROM would run, unsigned as it is)
         nic = qemu.Nic(forwards=forwards, mac=netboot.MAC, tftp=tftp, bootfile=shims[0], no_rom=True, bootindex=1)
+        vars_copy = Path(folder) / "vars.fd"
+        firmware = qemu.aarch64_secure_boot_firmware(vars_copy) if arch is Arch.AARCH64 else \
+            netboot.firmware_args(uefi=True, vars_copy=vars_copy, secure_boot=True)
         guest = qemu.Guest(None, None, arch=arch, memory_mb=memory_mb, accel=accel, smp=smp, nics=[nic],
-                           extra=[*netboot.firmware_args(uefi=True, vars_copy=Path(folder) / "vars.fd",
-                                                         secure_boot=True), "-device", "virtio-rng-pci"],
+                           extra=[*firmware, "-device", "virtio-rng-pci"],
                            milestone_patterns=(("shim fetches GRUB", r"Fetching Netboot Image"),
                                                ("GRUB reads grub.cfg", r"Hook: loading the kernel"),
                                                *qemu.HOOK_MILESTONES))
-        log_step(f"UEFI (OVMF) with Secure Boot on (Microsoft's keys), the NIC's MAC {netboot.MAC}; the console is "
-                 "ttyS0 (the firmware, shim, GRUB, then the kernel's consoles from grub.cfg)")
+        name = "AAVMF" if arch is Arch.AARCH64 else "OVMF"
+        log_step(f"UEFI ({name}) with Secure Boot on (Microsoft's keys), the NIC's MAC {netboot.MAC}; the console is "
+                 f"{arch.serial_console} (the firmware, shim, GRUB, then the kernel's consoles from grub.cfg)")
         _run(guest, expect, timeout)
