@@ -330,7 +330,8 @@ def task_boot():
             {"name": "uefi", "long": "uefi", "type": bool, "default": False,
              "help": "with --netboot: UEFI (OVMF) instead of BIOS (SeaBIOS)"},
             {"name": "secure_boot", "long": "secure-boot", "type": bool, "default": False,
-             "help": "with --netboot: the doit netboot_sb tarball by TFTP under OVMF with Secure Boot on (shim, "
+             "help": "with --netboot: the doit netboot_sb tarball by TFTP under OVMF (AAVMF with --arch aarch64) "
+                     "with Secure Boot on (shim, "
                      "Debian's signed GRUB; the cmdline is its grub.cfg's, netboot_sb_cmdline)"},
             {"name": "accel", "long": "accel", "default": "auto", "help": "auto, tcg or kvm"},
             {"name": "expect", "long": "expect", "default": "",
