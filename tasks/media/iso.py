@@ -34,7 +34,6 @@ import collections
 import contextlib
 import hashlib
 import io
-import json
 import mmap
 import os
 import re
@@ -52,11 +51,10 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from tasks.core.arch import Arch
 from tasks.core.errors import HookError
-from tasks.core.files import atomic_write_text
 from tasks.core.run import find_tool, log_step, mask, timed
 from tasks.images import tools
 from tasks.images.specs import ImageSpec
-from tasks.media.package import sha512, update_checksums
+from tasks.media.package import clean_output, output_is_current, record_output, sha512
 from tasks.settings.builds import boot_files
 from tasks.settings.cmdline import (
     AREA_SIZE,
@@ -580,33 +578,17 @@ def make_iso(settings: Settings, build: Build, arch: Arch, record: Path) -> None
                  "consoles to Smee ({consoles}), or set iso_smee=false")
     make_iso_file(tool_ref=tool_ref, kernel=kernel, initrd=initrd, arch=arch, cmdline=cmdline, target=target,
                   source_date_epoch=settings.source_date_epoch, smee=settings.iso_smee, sign=settings.iso_sign)
-    digest = sha512(target)
-    update_checksums(target.parent, {target.name: digest})
-    stat = target.stat()
-    atomic_write_text(record, json.dumps({"iso": target.name, "sha512": digest, "size": stat.st_size,
-                                          "mtime_ns": stat.st_mtime_ns, "tool": tool_ref,
-                                          "config": iso_config(settings, arch)}, indent=2, sort_keys=True) + "\n")
+    record_output(target, sha512(target), record, key="iso", tool=tool_ref, config=iso_config(settings, arch))
 
 
 def iso_is_current(settings: Settings, build: Build, arch: Arch) -> bool:
-    """Part of the ISO task's up-to-date check (file_dep and config_changed do the rest): the ISO is
-    the one recorded (size, mtime: not patched or replaced since) and checksum.txt lists it."""
-    target = iso_path(settings, build, arch)
-    try:
-        data = json.loads(iso_record(settings, build, arch).read_text())
-        stat = target.stat()
-        sums = (target.parent / "checksum.txt").read_text().splitlines()
-    except (OSError, ValueError):
-        return False
-    return (stat.st_size, stat.st_mtime_ns) == (data.get("size"), data.get("mtime_ns")) and \
-        f"{data.get('sha512')}  {target.name}" in sums
+    """Part of the ISO task's up-to-date check: the ISO is the one recorded and checksum.txt lists it."""
+    return output_is_current(iso_path(settings, build, arch), iso_record(settings, build, arch))
 
 
 def clean_iso(settings: Settings, build: Build, arch: Arch) -> None:
     """`doit clean`: the ISO's line in checksum.txt goes with it."""
-    target = iso_path(settings, build, arch)
-    if target.parent.is_dir():
-        update_checksums(target.parent, {target.name: None})
+    clean_output(iso_path(settings, build, arch))
 
 
 # --- the command line interface ----------------------------------------------------------------------

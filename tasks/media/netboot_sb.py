@@ -22,7 +22,6 @@ tarball (the same bytes for the same inputs, as the dist tarballs).
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tarfile
@@ -33,11 +32,10 @@ from typing import TYPE_CHECKING, Any
 
 from tasks.core.arch import Arch
 from tasks.core.errors import HookError
-from tasks.core.files import atomic_write_text
 from tasks.core.run import log_step, mask
 from tasks.images import tools
 from tasks.media.iso import TOOLS, run_tool, secure_boot_line
-from tasks.media.package import update_checksums, write_tarball
+from tasks.media.package import clean_output, output_is_current, record_output, write_tarball
 from tasks.settings.builds import boot_files, netboot_sb_tarball
 from tasks.settings.cmdline import canonical, cmdline_secrets, expand, grub_words, kernel_words
 
@@ -162,28 +160,14 @@ def make_netboot(settings: Settings, build: Build, arch: Arch, record: Path) -> 
     digest = make_netboot_file(tool_ref=tool_ref, kernel=kernel, initrd=initrd, arch=arch,
                                cmdline=settings.netboot_sb_cmdline, target=target,
                                source_date_epoch=settings.source_date_epoch, sign=settings.iso_sign)
-    update_checksums(target.parent, {target.name: digest})
-    stat = target.stat()
-    atomic_write_text(record, json.dumps({"tarball": target.name, "sha512": digest, "size": stat.st_size,
-                                          "mtime_ns": stat.st_mtime_ns, "tool": tool_ref,
-                                          "config": netboot_config(settings, arch)}, indent=2, sort_keys=True) + "\n")
+    record_output(target, digest, record, key="tarball", tool=tool_ref, config=netboot_config(settings, arch))
 
 
 def netboot_is_current(settings: Settings, build: Build, arch: Arch) -> bool:
     """Part of the task's up-to-date check: the tarball is the one recorded, and checksum.txt lists it."""
-    target = netboot_path(settings, build, arch)
-    try:
-        data = json.loads(netboot_record(settings, build, arch).read_text())
-        stat = target.stat()
-        sums = (target.parent / "checksum.txt").read_text().splitlines()
-    except (OSError, ValueError):
-        return False
-    return (stat.st_size, stat.st_mtime_ns) == (data.get("size"), data.get("mtime_ns")) and \
-        f"{data.get('sha512')}  {target.name}" in sums
+    return output_is_current(netboot_path(settings, build, arch), netboot_record(settings, build, arch))
 
 
 def clean_netboot(settings: Settings, build: Build, arch: Arch) -> None:
     """`doit clean`: the tarball's line in checksum.txt goes with it."""
-    target = netboot_path(settings, build, arch)
-    if target.parent.is_dir():
-        update_checksums(target.parent, {target.name: None})
+    clean_output(netboot_path(settings, build, arch))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import io
+import json
 import os
 import shutil
 import tarfile
@@ -16,7 +17,7 @@ from typing import BinaryIO
 from zlib_ng import gzip_ng
 
 from tasks.core.errors import HookError
-from tasks.core.files import atomic_writer, file_digest, remove
+from tasks.core.files import atomic_write_text, atomic_writer, file_digest, remove
 from tasks.core.run import log_step, timed
 from tasks.settings import Settings
 from tasks.settings.builds import Build, boot_files, dist_dir
@@ -124,6 +125,34 @@ def _update_checksums(folder: Path, path: Path, digests: dict[str, str | None]) 
 def write_checksums(path: Path, files: Sequence[Path]) -> None:
     """Set the lines of files in path (checksum.txt), keeping lines of other files still there."""
     update_checksums(path.parent, {file.name: sha512(file) for file in files})
+
+
+def record_output(target: Path, digest: str, record: Path, *, key: str, **fields: object) -> None:
+    """An output that checksum.txt lists (an ISO, a netboot tarball): its line there, then its record
+    (name, sha512, size, mtime and the task's own fields), which output_is_current reads back."""
+    update_checksums(target.parent, {target.name: digest})
+    stat = target.stat()
+    atomic_write_text(record, json.dumps({key: target.name, "sha512": digest, "size": stat.st_size,
+                                          "mtime_ns": stat.st_mtime_ns, **fields}, indent=2, sort_keys=True) + "\n")
+
+
+def output_is_current(target: Path, record: Path) -> bool:
+    """Part of such a task's up-to-date check (file_dep and config_changed do the rest): the output is
+    the one recorded (size, mtime: not patched or replaced since) and checksum.txt lists it."""
+    try:
+        data = json.loads(record.read_text())
+        stat = target.stat()
+        sums = (target.parent / "checksum.txt").read_text().splitlines()
+    except (OSError, ValueError):
+        return False
+    return (stat.st_size, stat.st_mtime_ns) == (data.get("size"), data.get("mtime_ns")) and \
+        f"{data.get('sha512')}  {target.name}" in sums
+
+
+def clean_output(target: Path) -> None:
+    """`doit clean` of such an output: its line in checksum.txt goes with it."""
+    if target.parent.is_dir():
+        update_checksums(target.parent, {target.name: None})
 
 
 def _same_file(src: Path, dst: Path) -> None:
