@@ -248,13 +248,23 @@ def test_debug_image_ssh_with_the_build_key(debug_guest: tuple[qemu.Guest, int],
     assert "Permission denied (publickey)" in refused.stderr
 
 
-def test_doit_boot_with_a_forwarded_registry(dev_project: Project, worker_registry: Registry) -> None:
-    """What a user runs: `doit boot` with a Tinkerbell cmdline and a local registry, until a line shows."""
+@pytest.mark.parametrize("how", [(), ("--netboot", "--uefi")], ids=["kernel", "netboot-uefi"])
+def test_doit_boot_with_a_forwarded_registry(dev_project: Project, worker_registry: Registry,
+                                             how: tuple[str, ...]) -> None:
+    """What a user runs: `doit boot` with a Tinkerbell cmdline and a local registry, until a line shows:
+    with `-kernel`, and as Smee boots it (`--netboot --uefi`: OVMF, iPXE's EFI ROM, Smee's script, the
+    files over HTTP from 127.0.0.1). The password shows nowhere in what doit prints but the kernel's
+    own cmdline lines (the Smee script's line is logged masked)."""
     cmdline = tinkerbell_cmdline().replace(GUEST_REGISTRY, "{registry}")
-    result = dev_project.doit("boot", "--registry", worker_registry.addr, f"--cmdline={cmdline}", "--memory",
+    result = dev_project.doit("boot", *how, "--registry", worker_registry.addr, f"--cmdline={cmdline}", "--memory",
                               str(MEMORY_MB), "--accel", "tcg", "--expect", "hook-bootkit: INFO tink-worker is running",
                               "--timeout", str(BOOT_TIMEOUT), timeout=BOOT_TIMEOUT + 120)
     assert f"the guest reaches {worker_registry.addr} as {GUEST_REGISTRY}" in result.stderr
     assert "saw 'hook-bootkit: INFO tink-worker is running' on the console after" in result.stderr
     assert "milestones: kernel" in result.stderr
     assert_password_only_in_kernel_cmdline(result.output, REGISTRY_PASSWORD)
+    if how:
+        script = next(line for line in result.stderr.splitlines() if "Smee's script (TFTP" in line)
+        assert "registry_password=" in script and "***" in script, script
+        assert re.search(r"the initramfs \([\d.]+ MB\) came over iPXE's HTTP", result.stderr), result.stderr[-3000:]
+        assert "UEFI (OVMF), iPXE" in result.stderr

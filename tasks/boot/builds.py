@@ -96,7 +96,7 @@ def _netboot(arch: Arch, kernel: Path, initrd: Path, *, cmdline: str, memory_mb:
         work = Path(folder)
         script = netboot.smee_script(arch=arch, base_url=f"http://{netboot.HTTP_IP}", extra=extra)
         netboot.write_script(work / "tftp", script)
-        log_step(f"Smee's script (TFTP {netboot.SCRIPT}): {script.splitlines()[2]}")
+        log_step(f"Smee's script (TFTP {netboot.SCRIPT}): {mask(script.splitlines()[2], cmdline_secrets(extra))}")
         with netboot.HttpServer(kernel.parent) as http:
             log_step(f"HTTP on 127.0.0.1:{http.port} serves {kernel.parent}; the guest reaches it as "
                      f"http://{netboot.HTTP_IP}")

@@ -47,6 +47,7 @@ from pathlib import Path
 from tasks.core.arch import Arch
 from tasks.core.errors import HookError
 from tasks.core.run import find_tool, log_step, mask
+from tasks.settings import cmdline as settings_cmdline
 
 DEFAULT_CMDLINE = "console=ttyS0 panic=-1"
 ACCELS = ("auto", "tcg", "kvm")
@@ -196,11 +197,9 @@ def console_cmdline(cmdline: str, arch: Arch) -> str:
 
 
 def cmdline_secrets(cmdline: str) -> list[str]:
-    """The secrets a Tinkerbell cmdline holds (registry_password), read with the programs' own parser."""
-    from hookcommon.cmdline import parse_cmdline
-
-    password = parse_cmdline(cmdline).get("registry_password")
-    return [password, shlex.quote(password)] if password else []
+    """The secrets a Tinkerbell cmdline holds (registry_password), as the kernel reads them and as
+    they stand quoted in a logged command line."""
+    return [form for secret in settings_cmdline.cmdline_secrets(cmdline) for form in (secret, shlex.quote(secret))]
 
 
 def qemu_argv(
