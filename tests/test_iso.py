@@ -492,6 +492,22 @@ def unsigned_iso(tool_ref: str, small_files: tuple[Path, Path], unsigned_kernel:
 
 
 @pytest.mark.slow
+def test_an_unsigned_kernel_still_makes_an_iso_and_the_log_says_so(tool_ref: str, small_files: tuple[Path, Path],
+                                                                    unsigned_kernel: Path, tmp_path: Path,
+                                                                    capfd: pytest.CaptureFixture[str]) -> None:
+    """A kernel that is not signed (the source flavour, a user's kernel=): the ISO is made, and the
+    build log says it boots with Secure Boot off only and how to sign it; a signed one names its signer."""
+    target = small_iso(tool_ref, (unsigned_kernel, small_files[1]), tmp_path / "unsigned.iso", arch=Arch.X86_64)
+    log = capfd.readouterr().err
+    assert target.is_file() and target.stat().st_size > 0
+    assert ("hook: warning: unsigned.iso: the kernel is not signed: this ISO boots with Secure Boot off only (sign it "
+            "with iso_sign_key and iso_sign_cert") in log, log[-2000:]
+    signed = iso.secure_boot_line(small_files[0], "hook-x86_64.iso")
+    assert signed.startswith("hook-x86_64.iso: Secure Boot: shim -> Debian's signed GRUB -> the kernel, signed by "
+                             "Debian Secure Boot"), signed
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(ARCH is not Arch.X86_64, reason="OVMF's Secure Boot build is x86_64")
 @pytest.mark.parametrize(("kernel", "secure_boot"), [("signed", True), ("unsigned", True), ("unsigned", False)])
 def test_secure_boot_enforces_the_chain(small_x86: Path, unsigned_iso: Path, kernel: str, secure_boot: bool,
