@@ -203,8 +203,11 @@ def test_interrupted_image_build_is_stopped_and_redone(dev_project: Project, tmp
     # A build step that surely lasts while the signal comes (pip alone can take 1 s from a warm cache),
     # new each time: BuildKit's cache would skip a step it has seen. This copy's Dockerfile only.
     marker = f"interrupt-me-{uuid.uuid4().hex[:12]}"
+    # Long: BuildKit's plain output may show a step's lines only once another step it was showing is
+    # done (CI: the marker came with the 8 s step's end, and the signal then hit linuxkit). The signal
+    # stops the step, so its length costs nothing.
     project.replace("containers/hook-bootkit/Dockerfile", "FROM ${BASE_IMAGE}\n",
-                    f"RUN echo {marker} && sleep 8\n\nFROM ${{BASE_IMAGE}}\n")
+                    f"RUN echo {marker} && sleep 120\n\nFROM ${{BASE_IMAGE}}\n")
     code, output = _interrupt_when(project, marker, signal.SIGTERM)
     assert code != 0
     assert re.search(rf"hook: image_load:hook-bootkit-{ARCH} failed: interrupted \(stopped \S*docker buildx build\)",
