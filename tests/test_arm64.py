@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.boot import qemu
+from tasks.boot import netboot, qemu
 from tasks.core.arch import Arch
 from tasks.media import iso
 from tests.conftest import REGISTRY_PASSWORD, REGISTRY_USER, Registry, _start_registry, push_packages, push_worker
@@ -160,7 +160,7 @@ def test_arm64_secure_boot_netboot_runs_tink_worker(arm64_release: Project, arm6
         names = sorted(tar.getnames())
     assert names == ["./grub/grub.cfg", "./grubaa64.efi", "./initramfs-aarch64", "./mmaa64.efi", "./shimaa64.efi",
                      "./vmlinuz-aarch64"], names
-    mac = "52:54:00:aa:bb:01"  # doit boot's NIC
+    mac = netboot.MAC  # doit boot's NIC
     result = arm64_release.doit("boot", "--build", "release", "--arch", "aarch64", "--netboot", "--secure-boot",
                                 "--registry", reg.addr, "--memory", str(ARM_MEMORY_MB), "--smp", str(ARM_SMP),
                                 "--accel", "tcg", f"--expect={marker(mac)}", "--timeout", str(ARM_BOOT_TIMEOUT),
